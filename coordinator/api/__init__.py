@@ -1,0 +1,1 @@
+"""HTTP layer of the coordinator: FastAPI app, authentication dependencies and the /api/v1 routes."""

@@ -1,0 +1,187 @@
+"""The FastAPI application: wiring, lifespan (store, secrets, graph, maintenance loop), errors, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from coordinator import __version__
+from coordinator.api import routes_access, routes_admin, routes_peer
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import DomainError
+from coordinator.secrets import ensure_secrets, load_secret_source
+from coordinator.service.core import Coordinator
+from coordinator.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Rejects request bodies over `limit` bytes with 413, by header or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _too_large(self.limit, send)
+                return
+        seen = 0
+        too_large = False
+
+        async def limited() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    too_large = True
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(self.limit, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    body = f'{{"error":"payload_too_large","message":"request body exceeds {limit} bytes","field":null}}'.encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, "field": field}, status_code=status)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or ".".join(str(p) for p in loc)
+
+
+def build_coordinator(config: CoordinatorConfig) -> Coordinator:
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secrets = ensure_secrets(load_secret_source(config.secrets, config.state_dir))
+    store = Store(config.database_url())
+    if config.database.migrate_on_start:
+        store.migrate()
+    coord = Coordinator(config, store, secrets)
+    coord.ensure_settings()
+    coord.reload()
+    return coord
+
+
+async def maintenance(coord: Coordinator) -> None:
+    """Replica sync and ephemeral-peer expiry, every `maintenance_interval` seconds."""
+    while True:
+        await asyncio.sleep(coord.config.maintenance_interval)
+        try:
+            await asyncio.to_thread(coord.sync_from_store)
+            await asyncio.to_thread(coord.peers.expire_ephemeral)
+            coord.metrics.peers_total.set(len(coord.graph.peers))
+            coord.metrics.revision.set(coord.graph.revision)
+        except Exception:  # keep the loop alive; the next round retries
+            log.exception("maintenance round failed")
+
+
+def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        instance = coord or await asyncio.to_thread(build_coordinator, config)
+        app.state.coordinator = instance
+        instance.hub.bind(asyncio.get_running_loop())
+        instance.metrics.peers_total.set(len(instance.graph.peers))
+        task = asyncio.create_task(maintenance(instance))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            instance.store.dispose()
+
+    app = FastAPI(
+        title="Starling coordinator",
+        version=__version__,
+        summary="Control plane of a Starling mesh: peers, groups, policies, setup keys, network maps.",
+        lifespan=lifespan,
+    )
+    app.include_router(routes_admin.router)
+    app.include_router(routes_access.router)
+    app.include_router(routes_peer.router)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz(request: Request) -> dict[str, Any]:
+        c: Coordinator = request.app.state.coordinator
+        return {"status": "ok", "version": __version__, "revision": c.graph.revision, "peers": len(c.graph.peers)}
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def metrics(request: Request) -> PlainTextResponse:
+        c: Coordinator = request.app.state.coordinator
+        c.metrics.peers_total.set(len(c.graph.peers))
+        c.metrics.peers_connected.set(c.hub.connected_peers())
+        c.metrics.revision.set(c.graph.revision)
+        return PlainTextResponse(generate_latest(c.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(DomainError)
+    async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return error(exc.status, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = _field(tuple(first.get("loc", ())))
+        msg = str(first.get("msg", "invalid value"))
+        if first.get("type") == "json_invalid":
+            return error(400, "invalid_json", f"request body is not valid JSON: {msg}")
+        return error(422, "validation_error", f"{where}: {msg}" if where else msg, where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error(500, "internal_error", "internal error (details are in the coordinator log)")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        c: Coordinator | None = getattr(request.app.state, "coordinator", None)
+        if c is not None and path != "/api/v1/peer/stream":
+            c.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+            c.metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)  # type: ignore[arg-type]
+    return app

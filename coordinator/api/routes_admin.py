@@ -1,0 +1,126 @@
+"""Admin API: peers, groups and policies (read with any token, write with a write-scoped token)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.api.deps import Coord, Reader, Writer
+from coordinator.errors import NotFound
+from coordinator.schemas import (
+    GroupIn,
+    GroupOut,
+    GroupUpdate,
+    Page,
+    PeerOut,
+    PeerUpdate,
+    PolicyIn,
+    PolicyOut,
+    PolicyUpdate,
+)
+
+router = APIRouter(prefix="/api/v1")
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Cursor = Annotated[str | None, Query(max_length=255)]
+NameFilter = Annotated[str | None, Query(max_length=255)]
+
+
+# ----- peers ------------------------------------------------------------------------------------
+@router.get("/peers", tags=["peers"])
+def list_peers(
+    coord: Coord,
+    _: Reader,
+    name: NameFilter = None,
+    group: NameFilter = None,
+    connected: bool | None = None,
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> Page[PeerOut]:
+    return coord.peers.list(name=name, group=group, connected=connected, cursor=cursor, limit=limit)
+
+
+@router.get("/peers/{peer_id}", tags=["peers"])
+def get_peer(coord: Coord, _: Reader, peer_id: str) -> PeerOut:
+    return coord.peers.get(peer_id)
+
+
+@router.patch("/peers/{peer_id}", tags=["peers"])
+def update_peer(coord: Coord, caller: Writer, peer_id: str, body: PeerUpdate) -> PeerOut:
+    return coord.peers.update(caller.actor, peer_id, body)
+
+
+@router.delete("/peers/{peer_id}", status_code=204, tags=["peers"])
+def delete_peer(coord: Coord, caller: Writer, peer_id: str) -> Response:
+    coord.peers.delete(caller.actor, peer_id)
+    return Response(status_code=204)
+
+
+@router.get("/peers/{peer_id}/map", tags=["peers"], response_model=dict[str, Any])
+async def get_peer_map(coord: Coord, _: Reader, peer_id: str) -> Response:
+    """The network map this peer receives (admin view, for debugging who-reaches-whom)."""
+    if peer_id not in coord.graph.peers:
+        raise NotFound("peer", peer_id)
+    text = await run_in_threadpool(coord.render_full, peer_id)
+    data = json.loads(text)
+    for relay in data.get("relays", []):
+        relay["password"] = "***"
+    return Response(json.dumps(data), media_type="application/json")
+
+
+# ----- groups -----------------------------------------------------------------------------------
+@router.get("/groups", tags=["groups"])
+def list_groups(coord: Coord, _: Reader, name: NameFilter = None, cursor: Cursor = None, limit: Limit = 100) -> Page[GroupOut]:
+    return coord.groups.list(name=name, cursor=cursor, limit=limit)
+
+
+@router.post("/groups", status_code=201, tags=["groups"])
+def create_group(coord: Coord, caller: Writer, body: GroupIn) -> GroupOut:
+    return coord.groups.create(caller.actor, body)
+
+
+@router.get("/groups/{group_id}", tags=["groups"])
+def get_group(coord: Coord, _: Reader, group_id: str) -> GroupOut:
+    return coord.groups.get(group_id)
+
+
+@router.patch("/groups/{group_id}", tags=["groups"])
+def update_group(coord: Coord, caller: Writer, group_id: str, body: GroupUpdate) -> GroupOut:
+    return coord.groups.update(caller.actor, group_id, body)
+
+
+@router.delete("/groups/{group_id}", status_code=204, tags=["groups"])
+def delete_group(coord: Coord, caller: Writer, group_id: str) -> Response:
+    coord.groups.delete(caller.actor, group_id)
+    return Response(status_code=204)
+
+
+# ----- policies ---------------------------------------------------------------------------------
+@router.get("/policies", tags=["policies"])
+def list_policies(
+    coord: Coord, _: Reader, name: NameFilter = None, cursor: Cursor = None, limit: Limit = 100
+) -> Page[PolicyOut]:
+    return coord.policies.list(name=name, cursor=cursor, limit=limit)
+
+
+@router.post("/policies", status_code=201, tags=["policies"])
+def create_policy(coord: Coord, caller: Writer, body: PolicyIn) -> PolicyOut:
+    return coord.policies.create(caller.actor, body)
+
+
+@router.get("/policies/{policy_id}", tags=["policies"])
+def get_policy(coord: Coord, _: Reader, policy_id: str) -> PolicyOut:
+    return coord.policies.get(policy_id)
+
+
+@router.patch("/policies/{policy_id}", tags=["policies"])
+def update_policy(coord: Coord, caller: Writer, policy_id: str, body: PolicyUpdate) -> PolicyOut:
+    return coord.policies.update(caller.actor, policy_id, body)
+
+
+@router.delete("/policies/{policy_id}", status_code=204, tags=["policies"])
+def delete_policy(coord: Coord, caller: Writer, policy_id: str) -> Response:
+    coord.policies.delete(caller.actor, policy_id)
+    return Response(status_code=204)

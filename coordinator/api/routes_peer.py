@@ -1,0 +1,73 @@
+"""Peer-facing API: enrollment, the peer's own network map (once or as an SSE stream), state reports,
+and signal tokens. A peer authenticates with its credential and can only see and report its own data.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.api.deps import Coord, PeerAuth
+from coordinator.errors import NotFound
+from coordinator.schemas import EnrollRequest, EnrollResponse, SignalToken, SigningKey, StateReport
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.get("/signing-key", tags=["peer"])
+def signing_key(coord: Coord) -> SigningKey:
+    """The coordinator's Ed25519 public key: signal verifies peer tokens with it offline."""
+    return SigningKey(public_key=coord.signer.public_key_b64)
+
+
+@router.post("/enroll", tags=["peer"], responses={403: {"description": "setup key unknown, expired, revoked or used up"}})
+def enroll(coord: Coord, body: EnrollRequest) -> EnrollResponse:
+    """Enroll a WireGuard public key with a setup key (or re-login a known key). Returns the peer
+    credential; failed enrollments change nothing."""
+    return coord.peers.enroll(body)
+
+
+@router.get("/peer/map", tags=["peer"], response_model=dict[str, Any])
+async def peer_map(coord: Coord, peer: PeerAuth) -> Response:
+    """The caller's full network map (same document as the first stream event)."""
+    text = await run_in_threadpool(coord.render_full, peer[0])
+    return Response(text, media_type="application/json")
+
+
+@router.get(
+    "/peer/stream",
+    tags=["peer"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "SSE: `map`, then `delta` events"}},
+)
+async def peer_stream(coord: Coord, peer: PeerAuth) -> StreamingResponse:
+    """Server-Sent Events: `map` (full map) on connect, then `delta` events as the map changes,
+    keep-alive comments, `closed`/`deleted` before the server ends the stream. See docs/api.md."""
+    return StreamingResponse(
+        coord.hub.stream(peer[0]),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/peer/state", status_code=204, tags=["peer"])
+def report_state(coord: Coord, peer: PeerAuth, body: StateReport) -> Response:
+    """The agent's per-remote-peer connection state (path, latency, last handshake, bytes)."""
+    coord.peers.report_state(peer[0], body)
+    return Response(status_code=204)
+
+
+@router.post("/peer/signal-token", tags=["peer"])
+def signal_token(coord: Coord, peer: PeerAuth) -> SignalToken:
+    """A short-lived token for the signal service, bound to this peer's WireGuard public key."""
+    node = coord.graph.peers.get(peer[0])
+    if node is None:
+        raise NotFound("peer", peer[0])
+    ttl = coord.config.signal_token_ttl
+    now = int(time.time())
+    token = coord.signer.issue(node.public_key, audience="signal", ttl=ttl, now=now, name=node.name)
+    return SignalToken(token=token, expires_at=now + ttl, signing_public_key=coord.signer.public_key_b64)

@@ -1,0 +1,110 @@
+"""`starling-coordinator`: serve the API, run migrations, print the OpenAPI document or the admin token."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from coordinator import __version__
+from coordinator.config import ConfigError, CoordinatorConfig, load_config
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def setup_logging(config: CoordinatorConfig) -> None:
+    handler = logging.StreamHandler()
+    if config.log.format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log.level.upper())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="starling-coordinator", description="Starling mesh coordinator")
+    p.add_argument("--config", type=Path, default=os.environ.get("STARLING_CONFIG"), help="YAML config file")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the API server")
+    sub.add_parser("migrate", help="create or upgrade the database schema")
+    sub.add_parser("openapi", help="print the OpenAPI document (JSON)")
+    sub.add_parser("show-admin-token", help="print the bootstrap admin token (create it if missing)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"starling-coordinator: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config)
+    try:
+        return _run(args.command, config)
+    except Exception as exc:  # operator-facing: one clear line, no traceback
+        from coordinator.secrets import SecretError
+        from coordinator.store import StoreError
+
+        if isinstance(exc, SecretError | StoreError):
+            print(f"starling-coordinator: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+        raise
+
+
+def _run(command: str, config: CoordinatorConfig) -> int:
+    if command == "openapi":
+        from coordinator.api.app import create_app
+
+        print(json.dumps(create_app(config).openapi(), indent=2, sort_keys=True))
+        return 0
+    if command == "migrate":
+        from coordinator.store import Store
+
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Store(config.database_url()).migrate()
+        return 0
+    if command == "show-admin-token":
+        from coordinator.secrets import ensure_secrets, load_secret_source
+
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        print(ensure_secrets(load_secret_source(config.secrets, config.state_dir))["admin_token"])
+        return 0
+    import uvicorn
+
+    from coordinator.api.app import create_app
+
+    uvicorn.run(
+        create_app(config),
+        host=config.listen.host,
+        port=config.listen.port,
+        log_config=None,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Coordinator configuration: a YAML file, overridden by STARLING_* environment variables.
+
+Secrets are not configured here directly but through `secrets:` (see coordinator.secrets).
+`mesh:` holds the defaults written to the store on first start; afterwards the settings API owns them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from coordinator.ipam import PrefixError, parse_mesh_prefix
+
+
+class ConfigError(Exception):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+
+
+class DatabaseConfig(_Strict):
+    url: str = ""
+    migrate_on_start: bool = True
+
+
+class MeshDefaults(_Strict):
+    prefix: str = "100.64.0.0/16"
+    dns_domain: str = "starling.internal"
+    turn_servers: list[str] = Field(default_factory=list)
+    credential_ttl: int = Field(3600, ge=60, le=7 * 86400)
+    ephemeral_offline_timeout: int = Field(600, ge=10)
+    peer_approval_required: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        try:
+            parse_mesh_prefix(value)
+        except PrefixError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    state_report_interval: float = Field(1.0, ge=0.0)
+
+
+class LogConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class CoordinatorConfig(_Strict):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    state_dir: Path = Path("/var/lib/starling-coordinator")
+    mesh: MeshDefaults = Field(default_factory=MeshDefaults)
+    secrets: dict[str, Any] = Field(default_factory=lambda: {"source": "config"})
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    stream_heartbeat: float = Field(15.0, gt=0)
+    maintenance_interval: float = Field(5.0, gt=0)
+    signal_token_ttl: int = Field(600, ge=30, le=86400)
+
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.state_dir / 'coordinator.db').resolve()}"
+
+
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "STARLING_DATABASE_URL": ("database", "url"),
+    "STARLING_LISTEN_HOST": ("listen", "host"),
+    "STARLING_LISTEN_PORT": ("listen", "port"),
+    "STARLING_STATE_DIR": ("state_dir",),
+    "STARLING_LOG_FORMAT": ("log", "format"),
+    "STARLING_LOG_LEVEL": ("log", "level"),
+}
+
+
+def load_config(path: Path | None, env: dict[str, str] | None = None) -> CoordinatorConfig:
+    """Read the YAML file (optional), apply environment overrides, validate; ConfigError names the field."""
+    env = dict(os.environ) if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        data = loaded or {}
+    for var, keys in ENV_OVERRIDES.items():
+        if var in env:
+            node = data
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = env[var]
+    try:
+        return CoordinatorConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid config at {where or '(top)'}: {first['msg']}") from exc

@@ -1,0 +1,313 @@
+"""Wire schemas of the REST API (pydantic). They are the contract published in docs/openapi.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+PEER_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+LABEL = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
+WG_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+DNS_DOMAIN = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+RELAY_URL = r"^(turn|turns|stun):[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$"
+
+PeerName = Annotated[str, StringConstraints(pattern=PEER_NAME)]
+Label = Annotated[str, StringConstraints(pattern=LABEL)]
+WgKey = Annotated[str, StringConstraints(pattern=WG_KEY)]
+Text = Annotated[str, StringConstraints(max_length=1024)]
+Short = Annotated[str, StringConstraints(max_length=255)]
+Protocol = Literal["any", "tcp", "udp", "icmp"]
+PathType = Literal["idle", "connecting", "direct", "relayed", "lost"]
+
+T = TypeVar("T")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` to get the next page; null on the last page")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+
+
+# ----- peers --------------------------------------------------------------------------------
+class ConnectionState(Model):
+    peer_id: Annotated[str, StringConstraints(max_length=64)]
+    path: PathType
+    endpoint: Annotated[str, StringConstraints(max_length=128)] | None = None
+    latency_ms: float | None = Field(None, ge=0, le=600_000)
+    last_handshake: dt.datetime | None = None
+    rx_bytes: int = Field(0, ge=0)
+    tx_bytes: int = Field(0, ge=0)
+
+
+class StateReport(Model):
+    connections: list[ConnectionState] = Field(default_factory=list, max_length=10_000)
+
+
+class PeerOut(BaseModel):
+    id: str
+    name: str
+    hostname: str
+    public_key: str
+    mesh_ip: str
+    dns_name: str
+    groups: list[str]
+    os: str
+    agent_version: str
+    approved: bool
+    ephemeral: bool
+    connected: bool
+    last_seen: dt.datetime | None
+    created_at: dt.datetime
+    connections: list[ConnectionState]
+    connections_reported_at: dt.datetime | None
+
+
+class PeerUpdate(Model):
+    name: PeerName | None = None
+    groups: list[Label] | None = Field(None, max_length=1000)
+    approved: bool | None = None
+
+
+class EnrollRequest(Model):
+    setup_key: Annotated[str, StringConstraints(min_length=8, max_length=128)]
+    public_key: WgKey
+    hostname: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    name: PeerName | None = None
+    os: Short = ""
+    agent_version: Annotated[str, StringConstraints(max_length=64)] = ""
+
+
+class EnrollResponse(BaseModel):
+    peer: PeerOut
+    credential: str = Field(description="Peer credential: send as `Authorization: Bearer` on /api/v1/peer/*")
+    signing_public_key: str
+
+
+class SignalToken(BaseModel):
+    token: str
+    expires_at: int
+    signing_public_key: str
+
+
+class SigningKey(BaseModel):
+    algorithm: Literal["Ed25519"] = "Ed25519"
+    public_key: str
+
+
+# ----- groups -------------------------------------------------------------------------------
+class GroupIn(Model):
+    name: Label
+    description: Text = ""
+    peers: list[PeerName] | None = Field(None, description="Exact member list (peer names); omit to keep")
+
+
+class GroupUpdate(Model):
+    name: Label | None = None
+    description: Text | None = None
+    peers: list[PeerName] | None = None
+
+
+class GroupOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    peers: list[str]
+    created_at: dt.datetime
+
+
+# ----- policies -----------------------------------------------------------------------------
+PortSpec = int | Annotated[str, StringConstraints(pattern=r"^\d{1,5}(-\d{1,5})?$")]
+
+
+def parse_port(spec: int | str) -> tuple[int, int]:
+    if isinstance(spec, int):
+        start = end = spec
+    else:
+        first, _, last = spec.partition("-")
+        start, end = int(first), int(last or first)
+    if not (1 <= start <= 65535 and 1 <= end <= 65535):
+        raise ValueError(f"port {spec!r} is outside 1-65535")
+    if start > end:
+        raise ValueError(f"port range {spec!r} starts after it ends")
+    return start, end
+
+
+def format_port(rng: list[int] | tuple[int, int]) -> str:
+    return str(rng[0]) if rng[0] == rng[1] else f"{rng[0]}-{rng[1]}"
+
+
+class Endpoints(Model):
+    groups: list[Label] = Field(default_factory=list, max_length=1000)
+    peers: list[PeerName] = Field(default_factory=list, max_length=1000)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Endpoints:
+        if not self.groups and not self.peers:
+            raise ValueError("name at least one group or peer")
+        return self
+
+
+class _PolicyFields(Model):
+    @field_validator("ports", check_fields=False)
+    @classmethod
+    def _ports(cls, value: list[PortSpec] | None) -> list[PortSpec] | None:
+        if value is not None:
+            for spec in value:
+                parse_port(spec)
+        return value
+
+
+class PolicyIn(_PolicyFields):
+    name: Label
+    description: Text = ""
+    enabled: bool = True
+    protocol: Protocol = "any"
+    ports: list[PortSpec] = Field(default_factory=list, max_length=256)
+    bidirectional: bool = False
+    sources: Endpoints
+    destinations: Endpoints
+
+    @model_validator(mode="after")
+    def _ports_need_protocol(self) -> PolicyIn:
+        check_ports_protocol(self.protocol, self.ports)
+        return self
+
+
+def check_ports_protocol(protocol: str, ports: list[Any]) -> None:
+    if ports and protocol not in ("tcp", "udp"):
+        raise ValueError(f"ports need protocol tcp or udp, not {protocol!r}")
+
+
+class PolicyUpdate(_PolicyFields):
+    name: Label | None = None
+    description: Text | None = None
+    enabled: bool | None = None
+    protocol: Protocol | None = None
+    ports: list[PortSpec] | None = Field(None, max_length=256)
+    bidirectional: bool | None = None
+    sources: Endpoints | None = None
+    destinations: Endpoints | None = None
+
+
+class PolicyOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    enabled: bool
+    protocol: Protocol
+    ports: list[str]
+    bidirectional: bool
+    sources: Endpoints
+    destinations: Endpoints
+    created_at: dt.datetime
+
+
+# ----- setup keys and tokens ----------------------------------------------------------------
+class SetupKeyIn(Model):
+    name: Label
+    reusable: bool = False
+    usage_limit: int = Field(0, ge=0, le=1_000_000, description="0 = unlimited (reusable keys)")
+    expires_in: int | None = Field(None, ge=60, le=10 * 365 * 86400, description="Seconds; null = never")
+    auto_groups: list[Label] = Field(default_factory=list, max_length=100)
+    ephemeral: bool = False
+
+
+class SetupKeyUpdate(Model):
+    revoked: bool | None = None
+    auto_groups: list[Label] | None = Field(None, max_length=100)
+
+
+class SetupKeyOut(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    reusable: bool
+    usage_limit: int
+    used_count: int
+    auto_groups: list[str]
+    ephemeral: bool
+    revoked: bool
+    expires_at: dt.datetime | None
+    last_used: dt.datetime | None
+    created_at: dt.datetime
+    state: Literal["valid", "expired", "revoked", "exhausted"]
+
+
+class SetupKeyCreated(SetupKeyOut):
+    key: str = Field(description="The clear key: shown only in this response")
+
+
+class TokenIn(Model):
+    name: Label
+    scope: Literal["read", "write"]
+    expires_in: int | None = Field(None, ge=60, le=10 * 365 * 86400)
+
+
+class TokenUpdate(Model):
+    revoked: bool | None = None
+
+
+class TokenOut(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    scope: Literal["read", "write"]
+    revoked: bool
+    expires_at: dt.datetime | None
+    last_used: dt.datetime | None
+    created_at: dt.datetime
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The clear token: shown only in this response")
+
+
+# ----- settings and audit -------------------------------------------------------------------
+class SettingsOut(BaseModel):
+    mesh_prefix: str
+    dns_domain: str
+    turn_servers: list[str]
+    credential_ttl: int
+    ephemeral_offline_timeout: int
+    peer_approval_required: bool
+    revision: int
+
+
+class SettingsUpdate(Model):
+    mesh_prefix: Annotated[str, StringConstraints(max_length=18)] | None = None
+    dns_domain: Annotated[str, StringConstraints(pattern=DNS_DOMAIN, max_length=253)] | None = None
+    turn_servers: list[Annotated[str, StringConstraints(pattern=RELAY_URL)]] | None = Field(None, max_length=16)
+    credential_ttl: int | None = Field(None, ge=60, le=7 * 86400)
+    ephemeral_offline_timeout: int | None = Field(None, ge=10, le=30 * 86400)
+    peer_approval_required: bool | None = None
+
+
+class AuditOut(BaseModel):
+    id: int
+    time: dt.datetime
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    target_name: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+def sanitize_peer_name(hostname: str) -> str:
+    """A DNS-label version of a hostname (first label, lowercased, invalid characters to '-')."""
+    label = hostname.split(".", 1)[0].lower()
+    label = re.sub(r"[^a-z0-9-]+", "-", label).strip("-")[:63].strip("-")
+    return label or "peer"

@@ -1,0 +1,258 @@
+"""Coordinator: owns the store, the mesh graph and the stream hub, and runs every write.
+
+`write()` is the single path for changes: one transaction that also bumps the mesh revision and
+records audit events; after commit the queued graph operations run under the graph lock, the
+affected maps are recomputed, and connected streams are woken. A failed write changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.config import CoordinatorConfig
+from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
+from coordinator.engine.views import MapRenderer
+from coordinator.errors import Conflict
+from coordinator.metrics import Metrics
+from coordinator.security import hash_secret
+from coordinator.signing import TokenSigner
+from coordinator.store import Store
+from coordinator.store.database import is_unique_violation
+from coordinator.store.models import AuditEvent, Group, MeshSettings, Peer, Policy
+from coordinator.turn import relay_credentials
+
+if TYPE_CHECKING:
+    from coordinator.service.credentials import CredentialService
+    from coordinator.service.groups import GroupService
+    from coordinator.service.peers import PeerService
+    from coordinator.service.policies import PolicyService
+    from coordinator.service.settings import SettingsService
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+GraphOp = Callable[[int], set[str]]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class Tx:
+    """What one write collects: audit events and graph operations to apply after commit."""
+
+    session: Session
+    actor: str
+    graph_ops: list[GraphOp] = field(default_factory=list)
+    touch_all: bool = False
+    audits: list[AuditEvent] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    def audit(
+        self,
+        action: str,
+        target_type: str,
+        target_id: str,
+        target_name: str = "",
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+    ) -> None:
+        self.audits.append(
+            AuditEvent(
+                time=utcnow(),
+                actor=self.actor,
+                action=action,
+                target_type=target_type,
+                target_id=target_id,
+                target_name=target_name,
+                before=before,
+                after=after,
+            )
+        )
+
+    def graph(self, op: GraphOp) -> None:
+        self.graph_ops.append(op)
+
+
+def peer_node(peer: Peer) -> PeerNode:
+    return PeerNode(
+        id=peer.id,
+        name=peer.name,
+        public_key=peer.public_key,
+        mesh_ip=peer.mesh_ip,
+        approved=peer.approved,
+        groups=frozenset(g.id for g in peer.groups),
+    )
+
+
+def policy_node(pol: Policy) -> PolicyNode:
+    ends = pol.endpoints
+    return PolicyNode(
+        id=pol.id,
+        name=pol.name,
+        enabled=pol.enabled,
+        protocol=pol.protocol,
+        ports=tuple((int(a), int(b)) for a, b in pol.ports),
+        bidirectional=pol.bidirectional,
+        src_groups=frozenset(ends["sources"]["groups"]),
+        src_peers=frozenset(ends["sources"]["peers"]),
+        dst_groups=frozenset(ends["destinations"]["groups"]),
+        dst_peers=frozenset(ends["destinations"]["peers"]),
+    )
+
+
+def settings_node(row: MeshSettings) -> SettingsNode:
+    return SettingsNode(
+        mesh_prefix=row.mesh_prefix,
+        dns_domain=row.dns_domain,
+        turn_servers=tuple(row.turn_servers),
+        credential_ttl=row.credential_ttl,
+    )
+
+
+class Coordinator:
+    peers: PeerService
+    groups: GroupService
+    policies: PolicyService
+    credentials: CredentialService
+    settings: SettingsService
+
+    def __init__(self, config: CoordinatorConfig, store: Store, secrets: dict[str, str]) -> None:
+        from coordinator.hub import StreamHub
+        from coordinator.service.credentials import CredentialService
+        from coordinator.service.groups import GroupService
+        from coordinator.service.peers import PeerService
+        from coordinator.service.policies import PolicyService
+        from coordinator.service.settings import SettingsService
+
+        self.config = config
+        self.store = store
+        self.graph = MeshGraph()
+        self.renderer = MapRenderer(self.graph)
+        self.lock = threading.RLock()
+        self.metrics = Metrics()
+        self.signer = TokenSigner(secrets["signing_key"])
+        self.turn_secret = secrets["turn_secret"]
+        self.admin_token_hash = hash_secret(secrets["admin_token"])
+        self.hub = StreamHub(self)
+        self.started_at = time.time()
+        self.peers = PeerService(self)
+        self.groups = GroupService(self)
+        self.policies = PolicyService(self)
+        self.credentials = CredentialService(self)
+        self.settings = SettingsService(self)
+
+    # ----- start-up and replica sync --------------------------------------------------------
+    def ensure_settings(self) -> None:
+        defaults = self.config.mesh
+        with self.store.transaction() as s:
+            if s.get(MeshSettings, 1) is None:
+                s.add(
+                    MeshSettings(
+                        id=1,
+                        revision=1,
+                        mesh_prefix=defaults.prefix,
+                        dns_domain=defaults.dns_domain,
+                        turn_servers=list(defaults.turn_servers),
+                        credential_ttl=defaults.credential_ttl,
+                        ephemeral_offline_timeout=defaults.ephemeral_offline_timeout,
+                        peer_approval_required=defaults.peer_approval_required,
+                    )
+                )
+
+    def reload(self) -> None:
+        """Rebuild the graph from the store and compute every map."""
+        started = time.perf_counter()
+        with self.store.read() as s:
+            settings = s.get(MeshSettings, 1)
+            if settings is None:
+                raise RuntimeError("store has no settings row: run migrations and start the coordinator once")
+            groups = {g.id: g.name for g in s.scalars(select(Group))}
+            policies = [policy_node(p) for p in s.scalars(select(Policy).order_by(Policy.id))]
+            peers = [peer_node(p) for p in s.scalars(select(Peer).order_by(Peer.created_at, Peer.id))]
+            revision = settings.revision
+            snode = settings_node(settings)
+        with self.lock:
+            self.graph.load(snode, groups, policies, peers, revision)
+            self.renderer = MapRenderer(self.graph)
+            self.metrics.observe_compute(self.graph.last_stats.maps, time.perf_counter() - started, full=True)
+        self.hub.notify_all()
+        log.info("graph loaded: %d peers, %d policies, revision %d", len(peers), len(policies), revision)
+
+    def sync_from_store(self) -> bool:
+        """Reload if another replica advanced the revision; True when it did."""
+        with self.store.read() as s:
+            revision = s.scalar(select(MeshSettings.revision).where(MeshSettings.id == 1)) or 0
+        if revision > self.graph.revision:
+            self.reload()
+            return True
+        return False
+
+    # ----- writes ---------------------------------------------------------------------------
+    def write(self, actor: str, fn: Callable[[Tx], T]) -> T:
+        with self.lock:
+            try:
+                with self.store.transaction() as session:
+                    tx = Tx(session=session, actor=actor)
+                    result = fn(tx)
+                    revision = self.graph.revision
+                    if tx.graph_ops or tx.touch_all:
+                        revision = self._bump_revision(session)
+                    session.add_all(tx.audits)
+                    session.flush()
+            except IntegrityError as exc:
+                if is_unique_violation(exc):
+                    raise Conflict("a record with the same unique value already exists") from exc
+                raise
+            self._apply(tx, revision)
+        for hook in tx.after_commit:
+            hook()
+        return result
+
+    @staticmethod
+    def _bump_revision(session: Session) -> int:
+        session.execute(update(MeshSettings).where(MeshSettings.id == 1).values(revision=MeshSettings.revision + 1))
+        revision = session.scalar(select(MeshSettings.revision).where(MeshSettings.id == 1))
+        if revision is None:
+            raise RuntimeError("store has no settings row")
+        return int(revision)
+
+    def _apply(self, tx: Tx, revision: int) -> None:
+        if not (tx.graph_ops or tx.touch_all):
+            return
+        if revision != self.graph.revision + 1:
+            # Another replica wrote since our last sync: rebuild from the store (includes this write).
+            self.reload()
+            return
+        started = time.perf_counter()
+        affected: set[str] = set()
+        for op in tx.graph_ops:
+            affected |= op(revision)
+        changed = self.graph.recompute(affected, revision)
+        if tx.touch_all:
+            self.graph.touch(set(self.graph.peers), revision)
+        changed |= self.graph.take_touched()
+        self.metrics.observe_compute(len(affected), time.perf_counter() - started, full=False)
+        self.hub.notify(changed)
+
+    # ----- reads used by several services -----------------------------------------------------
+    def relays_for(self, peer_name: str) -> list[dict[str, Any]]:
+        settings = self.graph.settings
+        if settings is None:
+            return []
+        return relay_credentials(self.turn_secret, peer_name, settings.turn_servers, settings.credential_ttl)
+
+    def render_full(self, peer_id: str) -> str:
+        with self.lock:
+            node = self.graph.peers[peer_id]
+            return self.renderer.full(peer_id, self.relays_for(node.name))
