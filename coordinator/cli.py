@@ -39,6 +39,7 @@ def setup_logging(config: CoordinatorConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log.level.upper())
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,9 +22,7 @@ class Metrics:
         self.peers_total = Gauge("starling_peers_total", "Peers in the mesh", registry=r)
         self.peers_connected = Gauge("starling_peers_connected", "Peers with an open map stream", registry=r)
         self.stream_clients = Gauge("starling_stream_clients", "Open map streams", registry=r)
-        self.map_computations = Counter(
-            "starling_map_computations_total", "Peer maps computed", ["kind"], registry=r
-        )
+        self.map_computations = Counter("starling_map_computations_total", "Peer maps computed", ["kind"], registry=r)
         self.map_duration = Histogram(
             "starling_map_computation_seconds",
             "Time to recompute the maps affected by one change (kind=incremental) or all maps (kind=full)",

@@ -59,9 +59,7 @@ def _check_key(key: str) -> None:
 class StaticSecrets:
     """Secrets given by the config file or the environment, plus generated ones."""
 
-    def __init__(
-        self, values: Mapping[str, str | None], persist_dir: Path | None = None, name: str = "config"
-    ) -> None:
+    def __init__(self, values: Mapping[str, str | None], persist_dir: Path | None = None, name: str = "config") -> None:
         self.name = name
         self._values = {k: v for k, v in values.items() if v}
         self._dir = persist_dir
@@ -123,10 +121,19 @@ class VaultSecrets:
     name = "vault"
 
     def __init__(
-        self, *, url: str, mount: str = "secret", path: str = "starling/coordinator",
-        token: str | None = None, token_file: Path | None = None, role_id: str | None = None,
-        secret_id: str | None = None, secret_id_file: Path | None = None,
-        namespace: str | None = None, verify: bool | str = True, timeout: float = 10.0,
+        self,
+        *,
+        url: str,
+        mount: str = "secret",
+        path: str = "starling/coordinator",
+        token: str | None = None,
+        token_file: Path | None = None,
+        role_id: str | None = None,
+        secret_id: str | None = None,
+        secret_id_file: Path | None = None,
+        namespace: str | None = None,
+        verify: bool | str = True,
+        timeout: float = 10.0,
     ) -> None:
         if not url:
             raise SecretError("vault: url is required")
@@ -158,8 +165,7 @@ class VaultSecrets:
         return value
 
     def _login(self) -> Any:
-        client = hvac.Client(url=self.url, namespace=self._namespace, verify=self._verify,
-                             timeout=self._timeout)
+        client = hvac.Client(url=self.url, namespace=self._namespace, verify=self._verify, timeout=self._timeout)
         if not self._role_id:
             client.token = self._token or self._read_file(self._token_file, "token_file")
             return client

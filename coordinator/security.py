@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-API_TOKEN_PREFIX = "sat_"
+API_TOKEN_PREFIX = "sat_"  # noqa: S105 - a type prefix, not a secret
 SETUP_KEY_PREFIX = "ssk_"
 PEER_CREDENTIAL_PREFIX = "spc_"
 

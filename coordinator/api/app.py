@@ -112,7 +112,7 @@ async def maintenance(coord: Coordinator) -> None:
 def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        instance = coord or await asyncio.to_thread(build_coordinator, config)
+        instance: Coordinator = coord if coord is not None else await asyncio.to_thread(build_coordinator, config)
         app.state.coordinator = instance
         instance.hub.bind(asyncio.get_running_loop())
         instance.metrics.peers_total.set(len(instance.graph.peers))
@@ -183,5 +183,5 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
             c.metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
         return response
 
-    app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
     return app

@@ -30,9 +30,7 @@ def _token(creds: HTTPAuthorizationCredentials | None) -> str:
     return creds.credentials
 
 
-def api_caller(
-    coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Caller:
+def api_caller(coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
     return coord.credentials.authenticate(_token(creds))
 
 

@@ -39,7 +39,7 @@ def list_peers(
     cursor: Cursor = None,
     limit: Limit = 100,
 ) -> Page[PeerOut]:
-    return coord.peers.list(name=name, group=group, connected=connected, cursor=cursor, limit=limit)
+    return coord.peers.find(name=name, group=group, connected=connected, cursor=cursor, limit=limit)
 
 
 @router.get("/peers/{peer_id}", tags=["peers"])
@@ -66,14 +66,16 @@ async def get_peer_map(coord: Coord, _: Reader, peer_id: str) -> Response:
     text = await run_in_threadpool(coord.render_full, peer_id)
     data = json.loads(text)
     for relay in data.get("relays", []):
-        relay["password"] = "***"
+        relay["password"] = "***"  # noqa: S105 - masking
     return Response(json.dumps(data), media_type="application/json")
 
 
 # ----- groups -----------------------------------------------------------------------------------
 @router.get("/groups", tags=["groups"])
-def list_groups(coord: Coord, _: Reader, name: NameFilter = None, cursor: Cursor = None, limit: Limit = 100) -> Page[GroupOut]:
-    return coord.groups.list(name=name, cursor=cursor, limit=limit)
+def list_groups(
+    coord: Coord, _: Reader, name: NameFilter = None, cursor: Cursor = None, limit: Limit = 100
+) -> Page[GroupOut]:
+    return coord.groups.find(name=name, cursor=cursor, limit=limit)
 
 
 @router.post("/groups", status_code=201, tags=["groups"])
@@ -102,7 +104,7 @@ def delete_group(coord: Coord, caller: Writer, group_id: str) -> Response:
 def list_policies(
     coord: Coord, _: Reader, name: NameFilter = None, cursor: Cursor = None, limit: Limit = 100
 ) -> Page[PolicyOut]:
-    return coord.policies.list(name=name, cursor=cursor, limit=limit)
+    return coord.policies.find(name=name, cursor=cursor, limit=limit)
 
 
 @router.post("/policies", status_code=201, tags=["policies"])

@@ -24,7 +24,9 @@ def signing_key(coord: Coord) -> SigningKey:
     return SigningKey(public_key=coord.signer.public_key_b64)
 
 
-@router.post("/enroll", tags=["peer"], responses={403: {"description": "setup key unknown, expired, revoked or used up"}})
+@router.post(
+    "/enroll", tags=["peer"], responses={403: {"description": "setup key unknown, expired, revoked or used up"}}
+)
 def enroll(coord: Coord, body: EnrollRequest) -> EnrollResponse:
     """Enroll a WireGuard public key with a setup key (or re-login a known key). Returns the peer
     credential; failed enrollments change nothing."""

@@ -145,9 +145,7 @@ class MapRenderer:
         if state.rules != sent.rules:
             head["rules"] = [self.rule(r) for r in state.rules]
         replaced = {
-            name: mask
-            for name, mask in state.sets.items()
-            if sent.sets.get(name) != mask or mask & changed_info
+            name: mask for name, mask in state.sets.items() if sent.sets.get(name) != mask or mask & changed_info
         }
         if replaced:
             parts.append('"sets_replace":' + self.sets_json(replaced))

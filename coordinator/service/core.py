@@ -242,6 +242,7 @@ class Coordinator:
         if tx.touch_all:
             self.graph.touch(set(self.graph.peers), revision)
         changed |= self.graph.take_touched()
+        changed |= {pid for pid in list(self.hub.connected) if pid not in self.graph.peers}  # removed: say goodbye
         self.metrics.observe_compute(len(affected), time.perf_counter() - started, full=False)
         self.hub.notify(changed)
 

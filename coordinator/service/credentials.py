@@ -25,7 +25,7 @@ from coordinator.schemas import (
 from coordinator.security import API_TOKEN_PREFIX, SETUP_KEY_PREFIX, hash_secret, new_id, new_secret
 from coordinator.service.core import Coordinator, Tx, utcnow
 from coordinator.service.lookup import group_ids, group_names, page
-from coordinator.service.peers import _aware, setup_key_state
+from coordinator.service.peers import setup_key_state
 from coordinator.store.models import ApiToken, SetupKey
 
 
@@ -89,10 +89,10 @@ class CredentialService:
         now = utcnow()
         with self.c.store.read() as s:
             tok = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(token)))
-            if tok is None or tok.revoked or (tok.expires_at is not None and _aware(tok.expires_at) <= now):
+            if tok is None or tok.revoked or (tok.expires_at is not None and tok.expires_at <= now):
                 raise Unauthorized("API token is not valid (unknown, revoked or expired)")
             actor, scope, tok_id, last = f"token:{tok.name}", tok.scope, tok.id, tok.last_used
-        if last is None or now - _aware(last) > dt.timedelta(minutes=1):
+        if last is None or now - last > dt.timedelta(minutes=1):
             with self.c.store.transaction() as s:
                 s.execute(update(ApiToken).where(ApiToken.id == tok_id).values(last_used=now))
         return Caller(actor=actor, scope="write" if scope == "write" else "read")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -41,7 +43,7 @@ class GroupService:
             raise NotFound("group", group_id)
         return group
 
-    def list(self, *, name: str | None, cursor: str | None, limit: int) -> Page[GroupOut]:
+    def find(self, *, name: str | None, cursor: str | None, limit: int) -> Page[GroupOut]:
         with self.c.store.read() as s:
             stmt = select(Group)
             if name:
@@ -130,5 +132,4 @@ class GroupService:
             peer = s.get(Peer, pid)
             assert peer is not None
             s.refresh(peer, ["groups"])
-            node = peer_node(peer)
-            tx.graph(lambda rev, node=node: self.c.graph.upsert_peer(node, rev))
+            tx.graph(partial(self.c.graph.upsert_peer, peer_node(peer)))

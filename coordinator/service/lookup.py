@@ -39,18 +39,18 @@ def peer_ids(session: Session, names: Sequence[str], field: str) -> list[str]:
 def group_names(session: Session, ids: Sequence[str]) -> list[str]:
     if not ids:
         return []
-    names = dict(session.execute(select(Group.id, Group.name).where(Group.id.in_(set(ids)))).tuples().all())
+    names = {row[0]: row[1] for row in session.execute(select(Group.id, Group.name).where(Group.id.in_(set(ids))))}
     return [names[i] for i in ids if i in names]
 
 
 def peer_names(session: Session, ids: Sequence[str]) -> list[str]:
     if not ids:
         return []
-    names = dict(session.execute(select(Peer.id, Peer.name).where(Peer.id.in_(set(ids)))).tuples().all())
+    names = {row[0]: row[1] for row in session.execute(select(Peer.id, Peer.name).where(Peer.id.in_(set(ids))))}
     return [names[i] for i in ids if i in names]
 
 
-def page(session: Session, stmt: Select[tuple[R]], key: Any, cursor: str | None, limit: int) -> tuple[list[R], str | None]:
+def page(session: Session, stmt: Select[R], key: Any, cursor: str | None, limit: int) -> tuple[list[R], str | None]:
     """Keyset paging on a unique column `key` (ascending)."""
     limit = max(1, min(limit, MAX_PAGE))
     if cursor:

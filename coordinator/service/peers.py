@@ -61,16 +61,12 @@ def summary(peer: Peer) -> dict[str, Any]:
 def setup_key_state(key: SetupKey, now: dt.datetime) -> str:
     if key.revoked:
         return "revoked"
-    if key.expires_at is not None and _aware(key.expires_at) <= now:
+    if key.expires_at is not None and key.expires_at <= now:
         return "expired"
     limit = key.usage_limit if key.reusable else 1
     if limit and key.used_count >= limit:
         return "exhausted"
     return "valid"
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 class PeerService:
@@ -90,7 +86,7 @@ class PeerService:
         return peer
 
     # ----- admin API --------------------------------------------------------------------------
-    def list(
+    def find(
         self, *, name: str | None, group: str | None, connected: bool | None, cursor: str | None, limit: int
     ) -> Page[PeerOut]:
         with self.c.store.read() as s:
@@ -247,9 +243,7 @@ class PeerService:
     def authenticate(self, credential: str) -> tuple[str, str]:
         """(peer id, peer name) for a peer credential, or Unauthorized."""
         with self.c.store.read() as s:
-            row = s.execute(
-                select(Peer.id, Peer.name).where(Peer.credential_hash == hash_secret(credential))
-            ).first()
+            row = s.execute(select(Peer.id, Peer.name).where(Peer.credential_hash == hash_secret(credential))).first()
         if row is None:
             raise Unauthorized("peer credential is not valid")
         return row[0], row[1]
@@ -287,7 +281,7 @@ class PeerService:
             stale = [
                 p
                 for p in s.scalars(select(Peer).where(Peer.ephemeral.is_(True), Peer.connected.is_(False)))
-                if p.last_seen is None or _aware(p.last_seen) < cutoff
+                if p.last_seen is None or p.last_seen < cutoff
             ]
             for peer in stale:
                 if peer.id not in self.c.hub.connected:

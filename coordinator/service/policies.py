@@ -36,7 +36,7 @@ def policy_out(session: Session, pol: Policy) -> PolicyOut:
         name=pol.name,
         description=pol.description,
         enabled=pol.enabled,
-        protocol=pol.protocol,  # type: ignore[arg-type]
+        protocol=pol.protocol,
         ports=[format_port(p) for p in pol.ports],
         bidirectional=pol.bidirectional,
         sources=endpoints_out(session, pol.endpoints["sources"]),
@@ -71,7 +71,7 @@ class PolicyService:
             raise NotFound("policy", policy_id)
         return pol
 
-    def list(self, *, name: str | None, cursor: str | None, limit: int) -> Page[PolicyOut]:
+    def find(self, *, name: str | None, cursor: str | None, limit: int) -> Page[PolicyOut]:
         with self.c.store.read() as s:
             stmt = select(Policy)
             if name:

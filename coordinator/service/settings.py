@@ -51,13 +51,12 @@ class SettingsService:
                     raise Invalid(str(exc), field="mesh_prefix") from exc
                 outside = [
                     name
-                    for name, ip in s.execute(select(Peer.name, Peer.mesh_ip)).tuples()
+                    for name, ip in s.execute(select(Peer.name, Peer.mesh_ip))
                     if ipaddress.IPv4Address(ip) not in net
                 ]
                 if outside:
                     raise Conflict(
-                        f"{len(outside)} peers have addresses outside {net} (e.g. {outside[0]}): "
-                        "remove them first",
+                        f"{len(outside)} peers have addresses outside {net} (e.g. {outside[0]}): remove them first",
                         field="mesh_prefix",
                     )
                 row.mesh_prefix = str(net)

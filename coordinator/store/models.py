@@ -16,7 +16,28 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every engine (SQLite drops the zone; this puts it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -43,12 +64,12 @@ class Peer(Base):
     approved: Mapped[bool] = mapped_column(Boolean, default=True)
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
     connected: Mapped[bool] = mapped_column(Boolean, default=False)
-    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     credential_hash: Mapped[str] = mapped_column(String(64), index=True)
     setup_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     connections: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    connections_reported_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    connections_reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     groups: Mapped[list[Group]] = relationship(secondary="peer_groups", lazy="selectin", order_by="Group.name")
 
 
@@ -57,7 +78,7 @@ class Group(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class Policy(Base):
@@ -72,7 +93,7 @@ class Policy(Base):
     ports: Mapped[list[Any]] = mapped_column(JSON, default=list)
     # endpoints: {"sources": {"groups": [ids], "peers": [ids]}, "destinations": {...}}
     endpoints: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class SetupKey(Base):
@@ -87,9 +108,9 @@ class SetupKey(Base):
     auto_groups: Mapped[list[Any]] = mapped_column(JSON, default=list)
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    last_used: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class ApiToken(Base):
@@ -100,9 +121,9 @@ class ApiToken(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     scope: Mapped[str] = mapped_column(String(8))
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    last_used: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class MeshSettings(Base):
@@ -123,7 +144,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
     __table_args__ = (Index("ix_audit_target", "target_type", "target_id"),)
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     actor: Mapped[str] = mapped_column(String(128), index=True)
     action: Mapped[str] = mapped_column(String(64), index=True)
     target_type: Mapped[str] = mapped_column(String(32))
