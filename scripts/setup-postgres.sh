@@ -70,19 +70,31 @@ if [[ -z $PG_VERSION ]]; then
 fi
 [[ -n $PG_VERSION ]] || die "no PostgreSQL server found under /usr/lib/postgresql: run scripts/setup-system.sh"
 
+# Run a command with only fds 0-2 open: the server it starts must not inherit our lock (fd 9)
+# or a caller's pipe (it would hold `make test | tee` open forever).
+without_extra_fds() {
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if ((fd > 2)); then eval "exec $fd>&-"; fi
+        done
+        exec "$@"
+    )
+}
+
 cluster_field() {  # cluster_field N -- column N of this cluster's pg_lsclusters line
     pg_lsclusters -h | awk -v v="$PG_VERSION" -v c="$PG_CLUSTER" -v n="$1" '$1 == v && $2 == c { print $n }'
 }
 
 if [[ -z $(cluster_field 2) ]]; then
     log "no cluster $PG_VERSION/$PG_CLUSTER: creating it"
-    pg_createcluster "$PG_VERSION" "$PG_CLUSTER" --start >/dev/null
+    without_extra_fds pg_createcluster "$PG_VERSION" "$PG_CLUSTER" --start >/dev/null
 fi
 
 status=$(cluster_field 4)
 if [[ $status != online* ]]; then
     log "starting cluster $PG_VERSION/$PG_CLUSTER (was: $status)"
-    if ! pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start; then
+    if ! without_extra_fds pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start; then
         logfile=$(cluster_field 7)
         [[ -n $logfile && -r $logfile ]] && tail -n 20 "$logfile" >&2
         die "could not start cluster $PG_VERSION/$PG_CLUSTER"

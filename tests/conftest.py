@@ -25,8 +25,10 @@ def wg_public_key() -> str:
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
     workdir = tmp_path_factory.mktemp("coordinator")
-    config = {"mesh": {"turn_servers": ["turn:198.19.0.10:3478?transport=udp"], "credential_ttl": 600},
-              "limits": {"max_body_bytes": 65536, "state_report_interval": 0.2}}
+    config = {
+        "mesh": {"turn_servers": ["turn:198.19.0.10:3478?transport=udp"], "credential_ttl": 600},
+        "limits": {"max_body_bytes": 65536, "state_report_interval": 0.2},
+    }
     with running_coordinator(workdir, config) as proc:
         yield proc
 

@@ -89,6 +89,7 @@ class MeshGraph:
     """Not thread-safe by itself: callers serialize mutations (the coordinator's write lock)."""
 
     def __init__(self) -> None:
+        self.epoch = 0  # incremented by load(): slots are renumbered, so old masks mean nothing
         self.revision = 0
         self.settings_rev = 0
         self.settings: SettingsNode | None = None
@@ -273,7 +274,9 @@ class MeshGraph:
         revision: int,
     ) -> None:
         """Replace the whole graph (start-up, or another replica changed the store) and compute every map."""
+        epoch = self.epoch + 1
         self.__init__()  # type: ignore[misc]
+        self.epoch = epoch
         self.settings, self.settings_rev, self.revision = settings, revision, revision
         for gid, name in groups.items():
             self.group_names[gid] = name

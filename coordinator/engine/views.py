@@ -20,6 +20,7 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 @dataclass(slots=True)
 class SentState:
+    epoch: int = -1
     serial: int = -1
     revision: int = -1
     reach: int = 0
@@ -128,10 +129,15 @@ class MapRenderer:
         graph = self.graph
         state = graph.maps[peer_id]
         relays_key = _dumps(relays)
-        if state.serial == sent.serial and graph.settings_rev == sent.settings_rev and relays_key == sent.relays_key:
+        if (
+            sent.epoch == graph.epoch
+            and state.serial == sent.serial
+            and graph.settings_rev == sent.settings_rev
+            and relays_key == sent.relays_key
+        ):
             return None
         changed_info = graph.info_changed_since(sent.revision)
-        if changed_info is None:
+        if changed_info is None or sent.epoch != graph.epoch:
             return self.full(peer_id, relays, sent)
         head: dict[str, Any] = {"type": "delta", "serial": state.serial, "base_serial": sent.serial}
         parts: list[str] = []
@@ -166,6 +172,7 @@ class MapRenderer:
 
     def _remember(self, sent: SentState, peer_id: str, relays: list[dict[str, Any]]) -> None:
         state = self.graph.maps[peer_id]
+        sent.epoch = self.graph.epoch
         sent.serial = state.serial
         sent.revision = self.graph.revision
         sent.reach = state.reach

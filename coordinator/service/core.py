@@ -139,6 +139,9 @@ class Coordinator:
         self.store = store
         self.graph = MeshGraph()
         self.renderer = MapRenderer(self.graph)
+        # write_lock orders whole writes (transaction + graph update); lock guards the graph for
+        # readers (streams, renders) and is held only while the graph changes, not during SQL.
+        self.write_lock = threading.RLock()
         self.lock = threading.RLock()
         self.metrics = Metrics()
         self.signer = TokenSigner(secrets["signing_key"])
@@ -191,16 +194,17 @@ class Coordinator:
 
     def sync_from_store(self) -> bool:
         """Reload if another replica advanced the revision; True when it did."""
-        with self.store.read() as s:
-            revision = s.scalar(select(MeshSettings.revision).where(MeshSettings.id == 1)) or 0
-        if revision > self.graph.revision:
-            self.reload()
-            return True
-        return False
+        with self.write_lock:
+            with self.store.read() as s:
+                revision = s.scalar(select(MeshSettings.revision).where(MeshSettings.id == 1)) or 0
+            if revision > self.graph.revision:
+                self.reload()
+                return True
+            return False
 
     # ----- writes ---------------------------------------------------------------------------
     def write(self, actor: str, fn: Callable[[Tx], T]) -> T:
-        with self.lock:
+        with self.write_lock:
             try:
                 with self.store.transaction() as session:
                     tx = Tx(session=session, actor=actor)
@@ -214,7 +218,8 @@ class Coordinator:
                 if is_unique_violation(exc):
                     raise Conflict("a record with the same unique value already exists") from exc
                 raise
-            self._apply(tx, revision)
+            with self.lock:
+                self._apply(tx, revision)
         for hook in tx.after_commit:
             hook()
         return result

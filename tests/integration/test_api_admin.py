@@ -44,8 +44,12 @@ def assert_error(r: httpx.Response, status: int, field: str | None = None, conta
 def test_health_metrics_and_openapi(coordinator: CoordinatorProcess) -> None:
     assert httpx.get(coordinator.url + "/healthz").json()["status"] == "ok"
     metrics = httpx.get(coordinator.url + "/metrics").text
-    for series in ("starling_peers_total", "starling_stream_clients", "starling_map_computation_seconds",
-                   "starling_http_requests_total"):
+    for series in (
+        "starling_peers_total",
+        "starling_stream_clients",
+        "starling_map_computation_seconds",
+        "starling_http_requests_total",
+    ):
         assert series in metrics
     assert "/api/v1/peers" in httpx.get(coordinator.url + "/openapi.json").json()["paths"]
 
@@ -77,8 +81,12 @@ def test_groups_crud_and_conflicts(coordinator: CoordinatorProcess) -> None:
         g = api.post("/api/v1/groups", json={"name": name, "description": "d"}).json()
         assert_error(api.post("/api/v1/groups", json={"name": name}), 409, field="name")
         assert_error(api.post("/api/v1/groups", json={"name": "bad name!"}), 422, field="name")
-        assert_error(api.post("/api/v1/groups", json={"name": uniq("g"), "peers": ["nobody-here"]}), 422,
-                     field="peers[0]", contains="nobody-here")
+        assert_error(
+            api.post("/api/v1/groups", json={"name": uniq("g"), "peers": ["nobody-here"]}),
+            422,
+            field="peers[0]",
+            contains="nobody-here",
+        )
         assert api.get(f"/api/v1/groups/{g['id']}").json()["name"] == name
         renamed = api.patch(f"/api/v1/groups/{g['id']}", json={"name": name + "-x"}).json()
         assert renamed["name"] == name + "-x"
@@ -95,8 +103,12 @@ def test_policy_validation_names_the_field_and_changes_nothing(coordinator: Coor
         before_policies = len(api.get("/api/v1/policies", params={"limit": 1000}).json()["items"])
         before_audit = audit_count(api)
         base = {"name": uniq("pol"), "protocol": "tcp", "sources": {"groups": [src]}, "destinations": {"groups": [dst]}}
-        assert_error(api.post("/api/v1/policies", json={**base, "destinations": {"groups": ["nope"]}}), 422,
-                     field="destinations.groups[0]", contains="unknown group 'nope'")
+        assert_error(
+            api.post("/api/v1/policies", json={**base, "destinations": {"groups": ["nope"]}}),
+            422,
+            field="destinations.groups[0]",
+            contains="unknown group 'nope'",
+        )
         assert_error(api.post("/api/v1/policies", json={**base, "ports": [70000]}), 422, field="ports")
         assert_error(api.post("/api/v1/policies", json={**base, "ports": ["90-80"]}), 422, field="ports")
         assert_error(api.post("/api/v1/policies", json={**base, "protocol": "icmp", "ports": [22]}), 422)
@@ -112,8 +124,11 @@ def test_policy_validation_names_the_field_and_changes_nothing(coordinator: Coor
         assert_error(api.post("/api/v1/policies", json=base), 409, field="name")
         assert_error(api.patch(f"/api/v1/policies/{pol['id']}", json={"protocol": "any"}), 422, field="ports")
         assert api.get(f"/api/v1/policies/{pol['id']}").json()["protocol"] == "tcp"
-        assert_error(api.delete(f"/api/v1/groups/{api.get('/api/v1/groups', params={'name': src}).json()['items'][0]['id']}"),
-                     409, contains=pol["name"])
+        assert_error(
+            api.delete(f"/api/v1/groups/{api.get('/api/v1/groups', params={'name': src}).json()['items'][0]['id']}"),
+            409,
+            contains=pol["name"],
+        )
         assert api.delete(f"/api/v1/policies/{pol['id']}").status_code == 204
 
 
@@ -135,8 +150,11 @@ def test_setup_keys_shown_once_and_enrollment_rules(coordinator: CoordinatorProc
         assert created["key"].startswith("ssk_") and created["state"] == "valid"
         listed = api.get(f"/api/v1/setup-keys/{created['id']}").json()
         assert "key" not in listed and listed["prefix"] == created["key"][:8]
-        assert_error(api.post("/api/v1/setup-keys", json={"name": uniq("k"), "auto_groups": ["ghost"]}), 422,
-                     field="auto_groups[0]")
+        assert_error(
+            api.post("/api/v1/setup-keys", json={"name": uniq("k"), "auto_groups": ["ghost"]}),
+            422,
+            field="auto_groups[0]",
+        )
         peers_before = len(api.get("/api/v1/peers", params={"limit": 1000}).json()["items"])
         audit_before = audit_count(api)
         assert_error(enroll(coordinator, "ssk_unknownkey000000", "h1"), 403, contains="not valid")
@@ -154,9 +172,13 @@ def test_setup_keys_shown_once_and_enrollment_rules(coordinator: CoordinatorProc
         assert_error(enroll(coordinator, created["key"], "other"), 403, contains="exhausted")
         again = httpx.post(coordinator.url + "/api/v1/enroll", json=body).json()  # re-login is idempotent
         assert (again["peer"]["id"], again["peer"]["mesh_ip"]) == (first["peer"]["id"], first["peer"]["mesh_ip"])
-        old = httpx.get(coordinator.url + "/api/v1/peer/map", headers={"Authorization": f"Bearer {first['credential']}"})
+        old = httpx.get(
+            coordinator.url + "/api/v1/peer/map", headers={"Authorization": f"Bearer {first['credential']}"}
+        )
         assert_error(old, 401)  # the re-login replaced the credential
-        new = httpx.get(coordinator.url + "/api/v1/peer/map", headers={"Authorization": f"Bearer {again['credential']}"})
+        new = httpx.get(
+            coordinator.url + "/api/v1/peer/map", headers={"Authorization": f"Bearer {again['credential']}"}
+        )
         assert new.status_code == 200
 
         revoked = api.post("/api/v1/setup-keys", json={"name": uniq("rev"), "reusable": True}).json()
@@ -248,8 +270,9 @@ def test_settings_validation(coordinator: CoordinatorProcess) -> None:
         assert_error(api.patch("/api/v1/settings", json={"turn_servers": ["http://x"]}), 422, field="turn_servers[0]")
         assert_error(api.patch("/api/v1/settings", json={"credential_ttl": 5}), 422, field="credential_ttl")
         if api.get("/api/v1/peers").json()["items"]:
-            assert_error(api.patch("/api/v1/settings", json={"mesh_prefix": "100.127.0.0/24"}), 409,
-                         field="mesh_prefix")
+            assert_error(
+                api.patch("/api/v1/settings", json={"mesh_prefix": "100.127.0.0/24"}), 409, field="mesh_prefix"
+            )
         assert api.get("/api/v1/settings").json() == current
         updated = api.patch("/api/v1/settings", json={"dns_domain": "corp.mesh"}).json()
         assert updated["dns_domain"] == "corp.mesh" and updated["revision"] > current["revision"]

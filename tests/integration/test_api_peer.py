@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import queue
 import hashlib
 import hmac
+import queue
 import time
 import uuid
 from typing import Any
@@ -32,22 +32,31 @@ class Mesh:
         self.groups = {g: uniq(g) for g in ("dev", "db", "ci")}
         for name in self.groups.values():
             assert self.api.post("/api/v1/groups", json={"name": name}).status_code == 201
-        self.policy = self.api.post("/api/v1/policies", json={
-            "name": uniq("dev-db"), "protocol": "tcp", "ports": [5432],
-            "sources": {"groups": [self.groups["dev"]]}, "destinations": {"groups": [self.groups["db"]]},
-        }).json()
+        self.policy = self.api.post(
+            "/api/v1/policies",
+            json={
+                "name": uniq("dev-db"),
+                "protocol": "tcp",
+                "ports": [5432],
+                "sources": {"groups": [self.groups["dev"]]},
+                "destinations": {"groups": [self.groups["db"]]},
+            },
+        ).json()
         self.peers = {role: self.enroll(role) for role in ("dev", "db", "ci")}
 
     def enroll(self, role: str) -> dict[str, Any]:
         key = self.api.post("/api/v1/setup-keys", json={"name": uniq("k"), "auto_groups": [self.groups[role]]}).json()
-        r = httpx.post(self.coord.url + "/api/v1/enroll",
-                       json={"setup_key": key["key"], "public_key": wg_public_key(), "hostname": uniq(role)})
+        r = httpx.post(
+            self.coord.url + "/api/v1/enroll",
+            json={"setup_key": key["key"], "public_key": wg_public_key(), "hostname": uniq(role)},
+        )
         assert r.status_code == 200, r.text
         return dict(r.json())
 
     def peer_client(self, role: str) -> httpx.Client:
-        return httpx.Client(base_url=self.coord.url, timeout=10,
-                            headers={"Authorization": f"Bearer {self.peers[role]['credential']}"})
+        return httpx.Client(
+            base_url=self.coord.url, timeout=10, headers={"Authorization": f"Bearer {self.peers[role]['credential']}"}
+        )
 
     def stream(self, role: str) -> SseReader:
         return SseReader(self.coord.url + "/api/v1/peer/stream", self.peers[role]["credential"])
@@ -112,8 +121,11 @@ def test_signal_token_verifies_offline_and_forgeries_fail(mesh: Mesh) -> None:
     assert claims["sub"] == mesh.peers["dev"]["peer"]["public_key"]
     assert claims["exp"] == issued["expires_at"]
     head, body, sig = issued["token"].split(".")
-    forged_body = base64.urlsafe_b64encode(
-        base64.urlsafe_b64decode(body + "==").replace(b'"sub":"', b'"sub":"X')).rstrip(b"=").decode()
+    forged_body = (
+        base64.urlsafe_b64encode(base64.urlsafe_b64decode(body + "==").replace(b'"sub":"', b'"sub":"X'))
+        .rstrip(b"=")
+        .decode()
+    )
     for bad in (f"{head}.{forged_body}.{sig}", issued["token"] + "x", "v1.abc", "garbage"):
         with pytest.raises(TokenError):
             verifier.verify(bad, audience="signal")
@@ -125,11 +137,23 @@ def test_signal_token_verifies_offline_and_forgeries_fail(mesh: Mesh) -> None:
 
 def test_state_report_is_stored_validated_and_rate_limited(mesh: Mesh) -> None:
     db_id = mesh.peers["db"]["peer"]["id"]
-    report = {"connections": [{"peer_id": db_id, "path": "direct", "endpoint": "198.18.1.2:51820",
-                               "latency_ms": 1.5, "last_handshake": "2026-01-01T00:00:00Z", "rx_bytes": 10}]}
+    report = {
+        "connections": [
+            {
+                "peer_id": db_id,
+                "path": "direct",
+                "endpoint": "198.18.1.2:51820",
+                "latency_ms": 1.5,
+                "last_handshake": "2026-01-01T00:00:00Z",
+                "rx_bytes": 10,
+            }
+        ]
+    }
     with mesh.peer_client("dev") as dev:
-        assert dev.post("/api/v1/peer/state", json={"connections": [{"peer_id": db_id, "path": "teleport"}]}
-                        ).status_code == 422
+        assert (
+            dev.post("/api/v1/peer/state", json={"connections": [{"peer_id": db_id, "path": "teleport"}]}).status_code
+            == 422
+        )
         assert dev.post("/api/v1/peer/state", json=report).status_code == 204
         assert dev.post("/api/v1/peer/state", json=report).status_code == 429
     with mesh.coord.client() as api:

@@ -47,9 +47,18 @@ def make(dsn: str, tmp_path: Path, name: str = "a") -> Coordinator:
 def seed(coord: Coordinator) -> dict[str, str]:
     for g in ("dev", "db", "ci"):
         coord.groups.create("admin", GroupIn(name=g))
-    coord.policies.create("admin", PolicyIn.model_validate({
-        "name": "dev-db", "protocol": "tcp", "ports": [5432],
-        "sources": {"groups": ["dev"]}, "destinations": {"groups": ["db"]}}))
+    coord.policies.create(
+        "admin",
+        PolicyIn.model_validate(
+            {
+                "name": "dev-db",
+                "protocol": "tcp",
+                "ports": [5432],
+                "sources": {"groups": ["dev"]},
+                "destinations": {"groups": ["db"]},
+            }
+        ),
+    )
     ids = {}
     for role in ("dev", "db", "ci"):
         key = coord.credentials.create_key("admin", SetupKeyIn(name=f"k-{role}", auto_groups=[role]))
@@ -62,8 +71,11 @@ def maps_by_name(coord: Coordinator) -> dict[str, object]:
     out = {}
     for pid, node in coord.graph.peers.items():
         doc = json.loads(coord.render_full(pid))
-        out[node.name] = (sorted(p["name"] for p in doc["peers"]), doc["firewall"]["rules"],
-                          {k: sorted(v) for k, v in doc["firewall"]["sets"].items()})
+        out[node.name] = (
+            sorted(p["name"] for p in doc["peers"]),
+            doc["firewall"]["rules"],
+            {k: sorted(v) for k, v in doc["firewall"]["sets"].items()},
+        )
     return out
 
 
@@ -93,14 +105,30 @@ def test_failed_write_changes_nothing(dsn: str, tmp_path: Path) -> None:
     coord = make(dsn, tmp_path)
     seed(coord)
     revision = coord.settings.get().revision
-    audit = len(coord.settings.audit(action=None, actor=None, target_type=None, target_id=None, since=None,
-                                     until=None, cursor=None, limit=1000).items)
+    audit = len(
+        coord.settings.audit(
+            action=None, actor=None, target_type=None, target_id=None, since=None, until=None, cursor=None, limit=1000
+        ).items
+    )
     with pytest.raises(UnknownReference):  # the group row is inserted, then the member lookup fails
         coord.groups.create("admin", GroupIn(name="half", peers=["dev", "ghost"]))
     assert coord.groups.find(name="half", cursor=None, limit=10).items == []
     assert coord.settings.get().revision == revision
-    assert len(coord.settings.audit(action=None, actor=None, target_type=None, target_id=None, since=None,
-                                    until=None, cursor=None, limit=1000).items) == audit
+    assert (
+        len(
+            coord.settings.audit(
+                action=None,
+                actor=None,
+                target_type=None,
+                target_id=None,
+                since=None,
+                until=None,
+                cursor=None,
+                limit=1000,
+            ).items
+        )
+        == audit
+    )
     with pytest.raises(Forbidden):
         coord.peers.enroll(EnrollRequest(setup_key="ssk_nope-nope", public_key=wg_public_key(), hostname="x"))
     assert len(coord.graph.peers) == 3

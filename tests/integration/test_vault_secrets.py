@@ -105,15 +105,12 @@ def test_approle_read_only_policy(bao: OpenBao, approle: AppRole, tmp_path: Path
     key = f"k{uuid.uuid4().hex[:8]}"
     vault(bao, "starling/coordinator").create(key, "from-root")
     (tmp_path / "secret_id").write_text(approle.secret_id)
-    src = VaultSecrets(
-        url=bao.url, role_id=approle.role_id, secret_id_file=tmp_path / "secret_id", timeout=5
-    )
+    src = VaultSecrets(url=bao.url, role_id=approle.role_id, secret_id_file=tmp_path / "secret_id", timeout=5)
     assert src.get(key) == "from-root"
     assert src.get("missing-key") is None
     with pytest.raises(SecretError, match=r"permission denied writing secret/data/starling/coordinator/"):
         src.create("other", "v")
-    denied = VaultSecrets(url=bao.url, path="starling/other", role_id=approle.role_id,
-                          secret_id=approle.secret_id)
+    denied = VaultSecrets(url=bao.url, path="starling/other", role_id=approle.role_id, secret_id=approle.secret_id)
     with pytest.raises(SecretError, match=r"permission denied reading secret/data/starling/other/x") as exc:
         denied.get("x")
     assert approle.secret_id not in str(exc.value)
@@ -183,8 +180,16 @@ def test_ensure_secrets_generates_then_rereads(bao: OpenBao, path: str) -> None:
 
 def test_load_secret_source_vault(bao: OpenBao, path: str, tmp_path: Path) -> None:
     (tmp_path / "token").write_text(bao.root_token)
-    cfg = {"source": "vault", "vault": {"url": bao.url, "mount": "secret", "path": path,
-                                        "token_file": str(tmp_path / "token"), "verify": False}}
+    cfg = {
+        "source": "vault",
+        "vault": {
+            "url": bao.url,
+            "mount": "secret",
+            "path": path,
+            "token_file": str(tmp_path / "token"),
+            "verify": False,
+        },
+    }
     src = load_secret_source(cfg, tmp_path / "state")
     assert src.name == "vault"
     assert ensure_secrets(src) == ensure_secrets(load_secret_source(cfg, tmp_path / "state"))

@@ -19,10 +19,30 @@ def peer(i: int, groups: set[str], approved: bool = True) -> PeerNode:
     return PeerNode(f"p{i}", f"peer{i}", f"key{i}", f"100.64.0.{i + 1}", approved, frozenset(groups))
 
 
-def policy(pid: str, src: set[str], dst: set[str], *, proto: str = "any", ports=(), bidir: bool = False,
-           src_peers: set[str] = frozenset(), dst_peers: set[str] = frozenset(), enabled: bool = True) -> PolicyNode:
-    return PolicyNode(pid, pid, enabled, proto, tuple(ports), bidir, frozenset(src), frozenset(src_peers),
-                      frozenset(dst), frozenset(dst_peers))
+def policy(
+    pid: str,
+    src: set[str],
+    dst: set[str],
+    *,
+    proto: str = "any",
+    ports=(),
+    bidir: bool = False,
+    src_peers: set[str] = frozenset(),
+    dst_peers: set[str] = frozenset(),
+    enabled: bool = True,
+) -> PolicyNode:
+    return PolicyNode(
+        pid,
+        pid,
+        enabled,
+        proto,
+        tuple(ports),
+        bidir,
+        frozenset(src),
+        frozenset(src_peers),
+        frozenset(dst),
+        frozenset(dst_peers),
+    )
 
 
 def reach_names(g: MeshGraph, pid: str) -> set[str]:
@@ -31,9 +51,13 @@ def reach_names(g: MeshGraph, pid: str) -> set[str]:
 
 def small_mesh() -> MeshGraph:
     g = MeshGraph()
-    g.load(SETTINGS, {"dev": "dev", "db": "db", "ci": "ci"},
-           [policy("dev-db", {"dev"}, {"db"}, proto="tcp", ports=[(5432, 5432)])],
-           [peer(0, {"dev"}), peer(1, {"db"}), peer(2, {"ci"})], 1)
+    g.load(
+        SETTINGS,
+        {"dev": "dev", "db": "db", "ci": "ci"},
+        [policy("dev-db", {"dev"}, {"db"}, proto="tcp", ports=[(5432, 5432)])],
+        [peer(0, {"dev"}), peer(1, {"db"}), peer(2, {"ci"})],
+        1,
+    )
     return g
 
 
@@ -136,9 +160,14 @@ def test_incremental_updates_equal_full_recompute(seed: int) -> None:
             affected = g.remove_peer(rng.choice(ids))
         elif op in ("regroup", "approve"):
             node = g.peers[rng.choice(ids)]
-            new = PeerNode(node.id, node.name, node.public_key, node.mesh_ip,
-                           (not node.approved) if op == "approve" else node.approved,
-                           frozenset(rng.sample(groups, rng.randint(0, 3))) if op == "regroup" else node.groups)
+            new = PeerNode(
+                node.id,
+                node.name,
+                node.public_key,
+                node.mesh_ip,
+                (not node.approved) if op == "approve" else node.approved,
+                frozenset(rng.sample(groups, rng.randint(0, 3))) if op == "regroup" else node.groups,
+            )
             affected = g.upsert_peer(new, rev)
         elif op == "policy":
             affected = g.upsert_policy(random_policy(rng, f"pol{rng.randint(0, 12)}", groups, ids))
@@ -147,9 +176,14 @@ def test_incremental_updates_equal_full_recompute(seed: int) -> None:
         g.recompute(affected, rev)
         incremental = snapshot(g)
         fresh = MeshGraph()
-        fresh.load(SETTINGS, dict(g.group_names), list(g.policies.values()),
-                   [PeerNode(n.id, n.name, n.public_key, n.mesh_ip, n.approved, n.groups) for n in g.peers.values()],
-                   rev)
+        fresh.load(
+            SETTINGS,
+            dict(g.group_names),
+            list(g.policies.values()),
+            [PeerNode(n.id, n.name, n.public_key, n.mesh_ip, n.approved, n.groups) for n in g.peers.values()],
+            rev,
+        )
+
         # Slots differ between graphs: compare by peer names.
         def named(graph: MeshGraph, snap: dict[str, Any]) -> dict[str, Any]:
             out = {}
@@ -157,6 +191,7 @@ def test_incremental_updates_equal_full_recompute(seed: int) -> None:
                 names = lambda m: frozenset(graph.by_slot[s].name for s in bit_list(m))  # noqa: E731
                 out[pid] = (names(reach), rules, {k: names(v) for k, v in sets.items()})
             return out
+
         assert named(g, incremental) == named(fresh, snapshot(fresh)), f"seed {seed} step {step} op {op}"
         for pid, content in incremental.items():
             if pid in before and before[pid] != content:
@@ -166,8 +201,13 @@ def test_incremental_updates_equal_full_recompute(seed: int) -> None:
 def apply_message(state: dict[str, Any] | None, msg: dict[str, Any]) -> dict[str, Any]:
     """A minimal client: applies a full map or a delta, as an agent would."""
     if msg["type"] == "map":
-        return {"serial": msg["serial"], "peers": {p["id"]: p for p in msg["peers"]},
-                "rules": msg["firewall"]["rules"], "sets": msg["firewall"]["sets"], "relays": msg["relays"]}
+        return {
+            "serial": msg["serial"],
+            "peers": {p["id"]: p for p in msg["peers"]},
+            "rules": msg["firewall"]["rules"],
+            "sets": msg["firewall"]["sets"],
+            "relays": msg["relays"],
+        }
     assert state is not None and msg["base_serial"] == state["serial"]
     state = json.loads(json.dumps(state))
     for pid in msg.get("peers_remove", []):
@@ -202,12 +242,17 @@ def test_deltas_rebuild_the_full_map(seed: int) -> None:
             affected = g.upsert_peer(peer(100 + step, set(rng.sample(groups, 2))), rev)
         elif op == "regroup":
             node = g.peers[rng.choice(ids)]
-            affected = g.upsert_peer(PeerNode(node.id, node.name, node.public_key, node.mesh_ip, node.approved,
-                                              frozenset(rng.sample(groups, 2))), rev)
+            affected = g.upsert_peer(
+                PeerNode(
+                    node.id, node.name, node.public_key, node.mesh_ip, node.approved, frozenset(rng.sample(groups, 2))
+                ),
+                rev,
+            )
         elif op == "rename":
             node = g.peers[rng.choice(ids)]
-            affected = g.upsert_peer(PeerNode(node.id, node.name + "x", node.public_key + "x", node.mesh_ip,
-                                              node.approved, node.groups), rev)
+            affected = g.upsert_peer(
+                PeerNode(node.id, node.name + "x", node.public_key + "x", node.mesh_ip, node.approved, node.groups), rev
+            )
         else:
             affected = g.upsert_policy(random_policy(rng, f"pol{rng.randint(0, 10)}", groups, ids))
         g.recompute(affected, rev)
@@ -230,3 +275,15 @@ def test_delta_is_none_when_nothing_changed_for_that_peer() -> None:
     assert renderer.delta("p2", [], sent) is None  # ci is unaffected by dev->db
     delta = json.loads(renderer.delta("p0", [], SentState()) or "{}")
     assert delta["type"] in ("map", "delta")
+
+
+def test_reload_renumbers_slots_so_streams_get_a_full_map() -> None:
+    g = small_mesh()
+    renderer = MapRenderer(g)
+    sent = SentState()
+    renderer.full("p1", [], sent)
+    # Reload with the peers in another order: slots change, old masks are meaningless.
+    peers = [PeerNode(n.id, n.name, n.public_key, n.mesh_ip, n.approved, n.groups) for n in g.peers.values()]
+    g.load(SETTINGS, dict(g.group_names), list(g.policies.values()), list(reversed(peers)), g.revision)
+    msg = json.loads(MapRenderer(g).delta("p1", [], sent) or "{}")
+    assert msg["type"] == "map" and {p["name"] for p in msg["peers"]} == {"peer0"}

@@ -130,14 +130,19 @@ def test_signing_key_round_trip() -> None:
         ({"source": "vault", "vault": {"token": "t"}}, "secrets.vault.url is required"),
         ({"source": "vault", "vault": {"url": "http://127.0.0.1:1"}}, "secrets.vault: give either token"),
         ({"source": "vault", "vault": {"url": "http://127.0.0.1:1", "tokn": "t"}}, "secrets.vault.tokn"),
-        ({"source": "vault", "vault": {"url": "http://127.0.0.1:1", "token": "t", "role_id": "r"}},
-         "exactly one"),
-        ({"source": "vault", "vault": {"url": "http://127.0.0.1:1", "role_id": "r"}},
-         "role_id needs secret_id or secret_id_file"),
-        ({"source": "vault", "vault": {"url": "http://127.0.0.1:1", "token": "t", "timeout": "5"}},
-         "secrets.vault.timeout must be a number"),
-        ({"source": "vault", "vault": {"url": "http://127.0.0.1:1", "token": "t", "verify": 1}},
-         "secrets.vault.verify must be"),
+        ({"source": "vault", "vault": {"url": "http://127.0.0.1:1", "token": "t", "role_id": "r"}}, "exactly one"),
+        (
+            {"source": "vault", "vault": {"url": "http://127.0.0.1:1", "role_id": "r"}},
+            "role_id needs secret_id or secret_id_file",
+        ),
+        (
+            {"source": "vault", "vault": {"url": "http://127.0.0.1:1", "token": "t", "timeout": "5"}},
+            "secrets.vault.timeout must be a number",
+        ),
+        (
+            {"source": "vault", "vault": {"url": "http://127.0.0.1:1", "token": "t", "verify": 1}},
+            "secrets.vault.verify must be",
+        ),
     ],
 )
 def test_bad_config(cfg: dict[str, object], message: str, tmp_path: Path) -> None:

@@ -1,0 +1,132 @@
+"""The coordinator as operators run it: secrets from OpenBao, restarts, CLI errors, ephemeral expiry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import wg_public_key
+from tests.fixtures.coordinator import CoordinatorProcess, running_coordinator
+from tests.fixtures.openbao import OpenBao, dev_server
+
+
+@pytest.fixture
+def bao(tmp_path: Path) -> Iterator[OpenBao]:
+    with dev_server(tmp_path / "openbao") as server:
+        yield server
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.vault
+def test_secrets_from_vault_survive_restart(bao: OpenBao, tmp_path: Path) -> None:
+    """Secrets are created in KV v2 on first start and read back unchanged on restart: the signing key
+    (and so every token signal verifies) and the admin token stay stable; nothing lands on disk."""
+    secrets_cfg = {"source": "vault", "vault": {"url": bao.url, "token": bao.root_token, "path": "starling/coord"}}
+    config = {"secrets": secrets_cfg}
+    with running_coordinator(tmp_path / "c", config) as coord:
+        key1 = httpx.get(coord.url + "/api/v1/signing-key").json()["public_key"]
+        token1 = coord.admin_token
+        with coord.client() as api:
+            assert api.get("/api/v1/peers").status_code == 200
+        coord.stop()
+        coord.start()
+        assert httpx.get(coord.url + "/api/v1/signing-key").json()["public_key"] == key1
+        assert coord.cli("show-admin-token").stdout.strip() == token1
+    stored = bao.client().secrets.kv.v2.read_secret_version(
+        path="starling/coord/admin_token", mount_point="secret", raise_on_deleted_version=True
+    )
+    assert stored["data"]["data"]["value"] == token1 and stored["data"]["metadata"]["version"] == 1
+    assert not (tmp_path / "c" / "state" / "secrets").exists()
+
+
+@pytest.mark.vault
+def test_unreachable_vault_fails_start_with_a_clear_error(bao: OpenBao, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(tmp_path / "s"),
+                "secrets": {"source": "vault", "vault": {"url": bao.url, "token": "wrong-token"}},
+            }
+        )
+    )
+    result = cli(cfg, "show-admin-token")
+    assert result.returncode == 1
+    assert "vault at" in result.stderr and "wrong-token" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_bad_config_exits_2_with_the_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listen: {port: not-a-port}\n")
+    result = cli(cfg, "migrate")
+    assert result.returncode == 2 and "listen.port" in result.stderr and "Traceback" not in result.stderr
+    cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "s"), "database": {"url": "sqlite:///:memory:"}}))
+    result = cli(cfg, "migrate")
+    assert result.returncode == 1 and "in-memory" in result.stderr
+
+
+def test_restart_keeps_state_and_serials_move_forward(tmp_path: Path) -> None:
+    with running_coordinator(tmp_path / "c") as coord:
+        with coord.client() as api:
+            api.post("/api/v1/groups", json={"name": "g"})
+            key = api.post("/api/v1/setup-keys", json={"name": "k", "reusable": True, "auto_groups": ["g"]}).json()
+            api.post(
+                "/api/v1/policies", json={"name": "p", "sources": {"groups": ["g"]}, "destinations": {"groups": ["g"]}}
+            )
+        creds = [
+            httpx.post(
+                coord.url + "/api/v1/enroll",
+                json={"setup_key": key["key"], "public_key": wg_public_key(), "hostname": f"h{i}"},
+            ).json()["credential"]
+            for i in range(2)
+        ]
+        auth = {"Authorization": f"Bearer {creds[0]}"}
+        before = httpx.get(coord.url + "/api/v1/peer/map", headers=auth).json()
+        coord.stop()
+        coord.start()
+        after = httpx.get(coord.url + "/api/v1/peer/map", headers=auth).json()
+        assert after["peers"] == before["peers"] and after["serial"] >= before["serial"]
+        with coord.client() as api:
+            api.patch("/api/v1/settings", json={"dns_domain": "after.restart"})
+        assert httpx.get(coord.url + "/api/v1/peer/map", headers=auth).json()["serial"] > after["serial"]
+
+
+@pytest.mark.slow
+def test_ephemeral_peers_are_removed_after_the_offline_timeout(tmp_path: Path) -> None:
+    with running_coordinator(tmp_path / "c", {"maintenance_interval": 0.5}) as coord, coord.client() as api:
+        api.patch("/api/v1/settings", json={"ephemeral_offline_timeout": 10})
+        eph = api.post("/api/v1/setup-keys", json={"name": "eph", "reusable": True, "ephemeral": True}).json()
+        normal = api.post("/api/v1/setup-keys", json={"name": "normal", "reusable": True}).json()
+        peer_e = enroll(coord, eph["key"], "ci-runner")
+        peer_n = enroll(coord, normal["key"], "server")
+        assert api.get(f"/api/v1/peers/{peer_e}").json()["ephemeral"] is True
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and api.get(f"/api/v1/peers/{peer_e}").status_code == 200:
+            time.sleep(0.5)
+        assert api.get(f"/api/v1/peers/{peer_e}").status_code == 404
+        assert api.get(f"/api/v1/peers/{peer_n}").status_code == 200
+        events = api.get("/api/v1/audit", params={"action": "peer.expire"}).json()["items"]
+        assert [e["target_id"] for e in events] == [peer_e] and events[0]["actor"] == "system"
+
+
+def enroll(coord: CoordinatorProcess, key: str, host: str) -> str:
+    r = httpx.post(
+        coord.url + "/api/v1/enroll", json={"setup_key": key, "public_key": wg_public_key(), "hostname": host}
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["peer"]["id"])
