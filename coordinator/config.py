@@ -38,6 +38,7 @@ class MeshDefaults(_Strict):
     prefix: str = "100.64.0.0/16"
     dns_domain: str = "starling.internal"
     turn_servers: list[str] = Field(default_factory=list)
+    signal_url: str = Field("", max_length=255, pattern=r"^(wss?://\S+)?$")
     credential_ttl: int = Field(3600, ge=60, le=7 * 86400)
     ephemeral_offline_timeout: int = Field(600, ge=10)
     peer_approval_required: bool = False

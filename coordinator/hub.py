@@ -94,7 +94,8 @@ class StreamHub:
                     timeout = max(0.05, min(timeout, renew_at - time.time() + 0.05))
                 woke = False
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sub.wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await sub.wake.wait()
                     woke = True
                 if woke:
                     await asyncio.sleep(COALESCE_SECONDS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 
@@ -33,7 +34,7 @@ class IpAllocator:
         self._hint = self._first
 
     def allocate(self, used: set[str]) -> str:
-        used_ints = {int(ipaddress.IPv4Address(ip)) for ip in used}
+        used_ints = {int.from_bytes(socket.inet_aton(ip), "big") for ip in used}
         span = self._last - self._first + 1
         candidate = max(self._hint, self._first)
         for _ in range(span):

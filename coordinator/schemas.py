@@ -279,6 +279,7 @@ class SettingsOut(BaseModel):
     mesh_prefix: str
     dns_domain: str
     turn_servers: list[str]
+    signal_url: str
     credential_ttl: int
     ephemeral_offline_timeout: int
     peer_approval_required: bool
@@ -289,6 +290,9 @@ class SettingsUpdate(Model):
     mesh_prefix: Annotated[str, StringConstraints(max_length=18)] | None = None
     dns_domain: Annotated[str, StringConstraints(pattern=DNS_DOMAIN, max_length=253)] | None = None
     turn_servers: list[Annotated[str, StringConstraints(pattern=RELAY_URL)]] | None = Field(None, max_length=16)
+    signal_url: (
+        Annotated[str, StringConstraints(pattern=r"^(wss?://[A-Za-z0-9.\-\[\]:/_]+)?$", max_length=255)] | None
+    ) = None
     credential_ttl: int | None = Field(None, ge=60, le=7 * 86400)
     ephemeral_offline_timeout: int | None = Field(None, ge=10, le=30 * 86400)
     peer_approval_required: bool | None = None

@@ -62,12 +62,17 @@ class Rule:
     peer_set: str
 
 
+def _rule_key(rule: Rule) -> tuple[str, str, str, str, tuple[tuple[int, int], ...]]:
+    return (rule.policy_id, rule.direction, rule.peer_set, rule.protocol, rule.ports)
+
+
 @dataclass(slots=True)
 class SettingsNode:
     mesh_prefix: str
     dns_domain: str
     turn_servers: tuple[str, ...]
     credential_ttl: int
+    signal_url: str = ""
 
 
 @dataclass(slots=True)
@@ -161,7 +166,7 @@ class MeshGraph:
                 reach |= g_reach
                 merged.update(g_rules)
                 sets.update(g_sets)
-            rules = tuple(sorted(merged))
+            rules = tuple(sorted(merged, key=_rule_key))
         return reach & self.eligible & ~bit, rules, sets
 
     def _group_contribution(self, gid: str) -> tuple[int, tuple[Rule, ...], dict[str, int]]:
@@ -202,7 +207,7 @@ class MeshGraph:
                 rules.add(Rule(pid, "in", proto, ports, name))
                 if pol.bidirectional:
                     rules.add(Rule(pid, "out", proto, ports, name))
-        return reach, tuple(sorted(rules)), sets
+        return reach, tuple(sorted(rules, key=_rule_key)), sets
 
     def reach_of(self, peer_id: str) -> int:
         state = self.maps.get(peer_id)
@@ -317,8 +322,7 @@ class MeshGraph:
         for pid in self.peers_in(mask):
             node = self.peers[pid]
             affected |= self._set_groups(node, node.groups - {group_id})
-        self.group_refs.pop(group_id, None)
-        self._invalidate()
+        self._invalidate_policies(self.group_refs.pop(group_id, set()))
         return affected
 
     def upsert_peer(self, node: PeerNode, revision: int) -> set[str]:
@@ -334,8 +338,8 @@ class MeshGraph:
             node_groups, node.groups = node.groups, frozenset()
             if node.approved:
                 self.eligible |= 1 << node.slot
-                self._invalidate()
             affected |= self._set_groups(node, node_groups)
+            self._invalidate_policies(self.policies_of(node))
             affected |= self._neighbourhood(node)
             return affected
         info_changed = (old.name, old.public_key, old.mesh_ip) != (node.name, node.public_key, node.mesh_ip)
@@ -350,7 +354,7 @@ class MeshGraph:
         if old.approved != node.approved:
             old.approved = node.approved
             self.eligible ^= 1 << old.slot
-            self._invalidate()
+            self._invalidate_policies(self.policies_of(old))
         affected |= self._set_groups(old, node.groups)
         affected |= self._neighbourhood(old)
         return affected
@@ -362,6 +366,7 @@ class MeshGraph:
         affected = self.peers_in(self.reach_of(peer_id))
         affected |= self._set_groups(node, frozenset())
         self.eligible &= ~(1 << node.slot)
+        self._invalidate_policies(self.peer_refs.get(peer_id, set()))
         for pol_id in self.peer_refs.pop(peer_id, set()):
             pol = self.policies.get(pol_id)
             if pol is not None:
@@ -370,19 +375,18 @@ class MeshGraph:
         self.by_slot[node.slot] = None
         del self.peers[peer_id]
         self.maps.pop(peer_id, None)
-        self._invalidate()
         affected.discard(peer_id)
         return affected
 
     def upsert_policy(self, pol: PolicyNode) -> set[str]:
         affected = self._policy_members(pol.id)
         self._unindex_policy(pol.id)
-        self._group_cache.clear()
         self.policies[pol.id] = pol
         for gid in pol.groups():
             self.group_refs.setdefault(gid, set()).add(pol.id)
         for pid in pol.peers():
             self.peer_refs.setdefault(pid, set()).add(pol.id)
+        self._invalidate_policies({pol.id})
         return affected | self._policy_members(pol.id)
 
     def remove_policy(self, policy_id: str) -> set[str]:
@@ -395,6 +399,16 @@ class MeshGraph:
     def _invalidate(self) -> None:
         self._side_cache.clear()
         self._group_cache.clear()
+
+    def _invalidate_policies(self, policy_ids: set[str]) -> None:
+        """Drop cached side masks of these policies and the group contributions that use them."""
+        for pid in policy_ids:
+            self._side_cache.pop((pid, "src"), None)
+            self._side_cache.pop((pid, "dst"), None)
+            pol = self.policies.get(pid)
+            if pol is not None:
+                for gid in pol.groups():
+                    self._group_cache.pop(gid, None)
 
     def _policy_members(self, policy_id: str) -> set[str]:
         if policy_id not in self.policies:
@@ -409,8 +423,7 @@ class MeshGraph:
             self.group_refs.get(gid, set()).discard(policy_id)
         for pid in old.peers():
             self.peer_refs.get(pid, set()).discard(policy_id)
-        self._side_cache = {k: v for k, v in self._side_cache.items() if k[0] != policy_id}
-        self._group_cache.clear()
+        self._invalidate_policies({policy_id})
 
     def _set_groups(self, node: PeerNode, groups: frozenset[str]) -> set[str]:
         if groups == node.groups:
@@ -421,8 +434,11 @@ class MeshGraph:
         for gid in groups - node.groups:
             self.group_mask[gid] = self.group_mask.get(gid, 0) | bit
         before = self.peers_in(self.reach_of(node.id))
+        touched: set[str] = set()
+        for gid in node.groups ^ groups:
+            touched |= self.group_refs.get(gid, set())
         node.groups = groups
-        self._invalidate()
+        self._invalidate_policies(touched)
         return before | {node.id}
 
     def _neighbourhood(self, node: PeerNode) -> set[str]:

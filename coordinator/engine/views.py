@@ -91,6 +91,10 @@ class MapRenderer:
         settings = self.graph.settings
         return {"domain": settings.dns_domain if settings else ""}
 
+    def signal(self) -> dict[str, Any]:
+        settings = self.graph.settings
+        return {"url": settings.signal_url if settings else ""}
+
     def self_entry(self, node: PeerNode) -> dict[str, Any]:
         settings = self.graph.settings
         entry = dict(self.entry(node)[0])
@@ -109,6 +113,7 @@ class MapRenderer:
             "serial": state.serial,
             "peer": self.self_entry(node),
             "dns": self.dns(),
+            "signal": self.signal(),
             "relays": relays,
             "routes": [],
         }
@@ -161,6 +166,7 @@ class MapRenderer:
         node = graph.peers[peer_id]
         if graph.settings_rev != sent.settings_rev:
             head["dns"] = self.dns()
+            head["signal"] = self.signal()
             head["peer"] = self.self_entry(node)
         elif node.info_rev > sent.revision:
             head["peer"] = self.self_entry(node)

@@ -116,6 +116,7 @@ def settings_node(row: MeshSettings) -> SettingsNode:
         mesh_prefix=row.mesh_prefix,
         dns_domain=row.dns_domain,
         turn_servers=tuple(row.turn_servers),
+        signal_url=row.signal_url,
         credential_ttl=row.credential_ttl,
     )
 
@@ -167,6 +168,7 @@ class Coordinator:
                         mesh_prefix=defaults.prefix,
                         dns_domain=defaults.dns_domain,
                         turn_servers=list(defaults.turn_servers),
+                        signal_url=defaults.signal_url,
                         credential_ttl=defaults.credential_ttl,
                         ephemeral_offline_timeout=defaults.ephemeral_offline_timeout,
                         peer_approval_required=defaults.peer_approval_required,

@@ -195,8 +195,9 @@ class PeerService:
         settings = s.get(MeshSettings, 1)
         assert settings is not None
         name = self._unique_name(s, body.name or sanitize_peer_name(body.hostname), explicit=body.name is not None)
+        # The graph holds every assigned address (writes are serialized); a replica racing us for the
+        # same address hits the unique constraint and the enrollment fails cleanly with 409.
         used = {n.mesh_ip for n in self.c.graph.peers.values()}
-        used |= set(s.scalars(select(Peer.mesh_ip)))
         mesh_ip = IpAllocator(parse_mesh_prefix(settings.mesh_prefix)).allocate(used)
         existing_groups = set(s.scalars(select(Group.id).where(Group.id.in_(key.auto_groups))))
         peer = Peer(

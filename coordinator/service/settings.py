@@ -21,6 +21,7 @@ def settings_out(row: MeshSettings) -> SettingsOut:
         mesh_prefix=row.mesh_prefix,
         dns_domain=row.dns_domain,
         turn_servers=list(row.turn_servers),
+        signal_url=row.signal_url,
         credential_ttl=row.credential_ttl,
         ephemeral_offline_timeout=row.ephemeral_offline_timeout,
         peer_approval_required=row.peer_approval_required,
@@ -63,6 +64,7 @@ class SettingsService:
             for attr in (
                 "dns_domain",
                 "turn_servers",
+                "signal_url",
                 "credential_ttl",
                 "ephemeral_offline_timeout",
                 "peer_approval_required",

@@ -135,6 +135,7 @@ class MeshSettings(Base):
     mesh_prefix: Mapped[str] = mapped_column(String(18))
     dns_domain: Mapped[str] = mapped_column(String(253))
     turn_servers: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    signal_url: Mapped[str] = mapped_column(String(255), default="")
     credential_ttl: Mapped[int] = mapped_column(Integer)
     ephemeral_offline_timeout: Mapped[int] = mapped_column(Integer)
     peer_approval_required: Mapped[bool] = mapped_column(Boolean, default=False)

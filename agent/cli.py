@@ -1,0 +1,285 @@
+"""`starling`: enroll and start (`up`), run the daemon, stop and remove (`down`), show `status`.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage/config/state, 3 enrollment refused,
+4 coordinator unreachable, 5 the agent is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.client import CoordinatorError, enroll
+from agent.config import AgentConfig, AgentConfigError, AgentState, ensure_state_dir, load_config, save_config
+from agent.control import ControlError, call
+from agent.keys import FileKeySource, KeyError_, generate_private_key, make_key_source, public_key_of
+from agent.wg import WireGuardError
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_NOT_RUNNING = 1, 2, 3, 4, 5
+SYSTEMD_UNIT = "starling-agent.service"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="starling", description="Starling mesh agent")
+    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("--config", type=Path, default=None, help="agent config (default /etc/starling/agent.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="enroll (or re-login) and start the agent")
+    up.add_argument("--management-url", required=False, help="coordinator URL, e.g. https://mesh.example.org")
+    up.add_argument("--setup-key", required=False, help="setup key (or STARLING_SETUP_KEY)")
+    up.add_argument("--hostname")
+    up.add_argument("--interface")
+    up.add_argument("--port", type=int)
+    up.add_argument("--state-dir", type=Path)
+    up.add_argument("--backend", choices=["auto", "kernel", "userspace"])
+    up.add_argument("--signal-url")
+    up.add_argument("--foreground", action="store_true", help="run the daemon here instead of through systemd")
+    daemon = sub.add_parser("daemon", help="run the agent daemon in the foreground")
+    daemon.add_argument("--state-dir", type=Path)
+    down = sub.add_parser("down", help="stop the agent and remove its interface")
+    down.add_argument("--state-dir", type=Path)
+    status = sub.add_parser("status", help="show the agent's status")
+    status.add_argument("-d", "--detail", action="store_true", help="per-peer detail")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--state-dir", type=Path)
+    return p
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("STARLING_AGENT_CONFIG", "/etc/starling/agent.yaml"))
+
+
+def load(args: argparse.Namespace) -> AgentConfig:
+    config = load_config(config_path(args))
+    if getattr(args, "state_dir", None):
+        config.state_dir = args.state_dir
+    return config
+
+
+def setup_logging(config: AgentConfig) -> None:
+    logging.basicConfig(
+        level=logging.INFO if config.log_level == "debug" else config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("starling", "agent"):
+        logging.getLogger(name).setLevel(config.log_level.upper())
+
+
+# ----- up -------------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    config = load(args)
+    for flag, attr in (
+        ("management_url", "management_url"),
+        ("interface", "interface"),
+        ("port", "port"),
+        ("hostname", "hostname"),
+        ("backend", "backend"),
+        ("signal_url", "signal_url"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(config, attr, value)
+    config.validate()
+    setup_key = args.setup_key or os.environ.get("STARLING_SETUP_KEY", "")
+    state_file = config.state_file
+    existing = AgentState.load(state_file) if state_file.exists() else None
+    if not config.management_url:
+        if existing is None:
+            raise CliError("--management-url is required for the first `starling up`", EXIT_USAGE)
+        config.management_url = existing.management_url
+    keys = make_key_source(config.key_source, config.state_dir)
+    fresh_key: str | None = None
+    if isinstance(keys, FileKeySource) and not keys.path.exists():
+        fresh_key = generate_private_key()  # persisted only once enrollment succeeded
+        private = fresh_key
+    else:
+        private = keys.load()
+    if existing is None or setup_key:
+        if not setup_key:
+            raise CliError("--setup-key is required to enroll this host", EXIT_USAGE)
+        body = {
+            "setup_key": setup_key,
+            "public_key": public_key_of(private),
+            "hostname": config.hostname or socket.gethostname(),
+            "os": f"{platform.system()} {platform.release()}",
+            "agent_version": __version__,
+        }
+        try:
+            result = enroll(config.management_url, body)
+        except CoordinatorError as exc:
+            code = EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED if exc.status in (401, 403) else EXIT_RUNTIME
+            raise CliError(f"enrollment failed: {exc}", code) from exc
+        ensure_state_dir(config.state_dir)
+        if fresh_key is not None and isinstance(keys, FileKeySource):
+            from agent.config import write_private
+
+            write_private(keys.path, fresh_key + "\n")
+        peer = result["peer"]
+        state = AgentState(config.management_url, peer["id"], peer["name"], peer["mesh_ip"], result["credential"])
+        state.save(state_file)
+        print(f"enrolled as {peer['name']} ({peer['mesh_ip']}) in {config.management_url}")
+    save_config(config, config_path(args))
+    if not args.foreground and _systemd_available():
+        _start_systemd(config_path(args))
+        print(f"started {SYSTEMD_UNIT}")
+        return 0
+    return run_daemon(config)
+
+
+def _systemd_available() -> bool:
+    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
+
+
+def _start_systemd(config: Path) -> None:
+    unit = Path("/etc/systemd/system") / SYSTEMD_UNIT
+    exe = shutil.which("starling") or f"{sys.executable} -m agent.cli"
+    if not unit.exists():
+        unit.write_text(
+            "[Unit]\nDescription=Starling mesh agent\nAfter=network-online.target\nWants=network-online.target\n\n"
+            f"[Service]\nExecStart={exe} --config {config} daemon\nRestart=always\nRestartSec=2\n"
+            "KillMode=process\n\n[Install]\nWantedBy=multi-user.target\n"
+        )
+        subprocess.run(["systemctl", "daemon-reload"], check=True)
+    subprocess.run(["systemctl", "enable", "--now", SYSTEMD_UNIT], check=True)
+
+
+# ----- daemon ---------------------------------------------------------------------------------
+def run_daemon(config: AgentConfig) -> int:
+    from agent.daemon import Agent
+    from agent.wg.detect import make_backend
+
+    setup_logging(config)
+    state = AgentState.load(config.state_file)
+    if state is None:
+        raise CliError(f"not enrolled (no {config.state_file}): run `starling up` first", EXIT_USAGE)
+    keys = make_key_source(config.key_source, config.state_dir)
+    keys.load()  # fail before touching the network if the key is unusable
+    backend = make_backend(config.backend, config.interface, config.state_dir)
+    agent = Agent(config, state, keys, backend)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.request_stop)
+        await agent.run()
+
+    asyncio.run(main())
+    return 0
+
+
+# ----- down / status --------------------------------------------------------------------------
+def cmd_down(args: argparse.Namespace) -> int:
+    config = load(args)
+    if _systemd_available() and Path("/etc/systemd/system", SYSTEMD_UNIT).exists():
+        subprocess.run(["systemctl", "disable", "--now", SYSTEMD_UNIT], check=False)
+    try:
+        call(config.control_socket, {"cmd": "down", "remove": True})
+        deadline = time.monotonic() + 10
+        while config.control_socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except ControlError:
+        pass
+    from agent.wg.detect import make_backend
+
+    backend = make_backend(
+        config.backend if config.backend != "auto" else "userspace", config.interface, config.state_dir
+    )
+    backend.down()
+    print(f"starling is down ({config.interface} removed)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load(args)
+    try:
+        reply = call(config.control_socket, {"cmd": "status"})
+    except ControlError as exc:
+        raise CliError(str(exc), EXIT_NOT_RUNNING) from exc
+    status: dict[str, Any] = reply["status"]
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status, detail=args.detail))
+    return 0
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    secs = max(0, time.time() - ts)
+    return f"{secs:.0f}s ago" if secs < 120 else f"{secs / 60:.0f}m ago"
+
+
+def format_status(status: dict[str, Any], *, detail: bool) -> str:
+    mgmt, sig = status["management"], status["signal"]
+    peers = status["peers"]
+    connected = sum(1 for p in peers if p["path"] in ("direct", "relayed"))
+    lines = [
+        f"Peer:        {status['name']} {status['mesh_ip']} ({status['interface']}, {status['backend']} backend)",
+        f"Management:  {'connected' if mgmt['connected'] else 'DISCONNECTED'} {mgmt['url']}"
+        + (f" ({mgmt['last_error']})" if mgmt["last_error"] and not mgmt["connected"] else ""),
+        f"Signal:      {'connected' if sig['connected'] else 'DISCONNECTED'}"
+        + (f" ({sig['last_error']})" if sig["last_error"] and not sig["connected"] else ""),
+        f"Peers:       {connected}/{len(peers)} connected (map serial {status['map_serial']})",
+    ]
+    if detail:
+        for p in peers:
+            lines += [
+                "",
+                f"  {p['name']}  {p['mesh_ip']}",
+                f"    public key:     {p['public_key']}",
+                f"    path:           {p['path']} (since {_ago(p['since'])}, {p['path_changes']} changes)",
+                f"    endpoint:       {p['endpoint'] or '-'}",
+                f"    last handshake: {_ago(p['last_handshake'])}",
+                f"    transfer:       {p['rx_bytes']} B received, {p['tx_bytes']} B sent",
+                f"    latency:        {p['latency_ms']:.1f} ms"
+                if p["latency_ms"] is not None
+                else "    latency:        -",
+            ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return cmd_up(args)
+        if args.command == "daemon":
+            return run_daemon(load(args))
+        if args.command == "down":
+            return cmd_down(args)
+        return cmd_status(args)
+    except CliError as exc:
+        print(f"starling: {exc}", file=sys.stderr)
+        return exc.code
+    except (AgentConfigError, KeyError_) as exc:
+        print(f"starling: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WireGuardError as exc:
+        print(f"starling: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

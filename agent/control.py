@@ -1,0 +1,92 @@
+"""The local control socket (unix, 0600, root only): `starling status` and `starling down` talk to the
+daemon through it with one JSON request and one JSON reply per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Protocol
+
+MAX_REQUEST = 4096
+
+
+class ControlError(Exception):
+    pass
+
+
+class Controlled(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+    def request_stop(self, remove: bool = False) -> None: ...
+
+
+class ControlServer:
+    def __init__(self, path: Path, target: Controlled) -> None:
+        self.path = path
+        self.target = target
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            reply = self.dispatch(line[:MAX_REQUEST])
+        except (TimeoutError, ValueError) as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    def dispatch(self, raw: bytes) -> dict[str, Any]:
+        request = json.loads(raw or b"{}")
+        if not isinstance(request, dict):
+            raise ValueError("request must be a JSON object")
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.target.status()}
+        if cmd == "down":
+            self.target.request_stop(remove=bool(request.get("remove", True)))
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def call(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except FileNotFoundError as exc:
+        raise ControlError(f"the agent is not running (no control socket at {path})") from exc
+    except OSError as exc:
+        raise ControlError(f"cannot talk to the agent at {path}: {exc.strerror or exc}") from exc
+    reply: dict[str, Any] = json.loads(data or b"{}")
+    return reply

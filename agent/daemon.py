@@ -1,0 +1,389 @@
+"""The agent daemon: follows the coordinator's map stream, keeps one WireGuard peer per map peer,
+exchanges candidates through signal, watches handshakes, reports state, serves the control socket.
+
+The data plane never depends on the control plane: losing the coordinator or signal stops updates,
+not traffic. The last map is cached on disk so a restarted daemon configures tunnels even while
+the coordinator is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, netlink
+from agent.client import CoordinatorError, PeerApi
+from agent.config import AgentConfig, AgentState, write_private
+from agent.control import ControlServer
+from agent.keys import KeySource, decode_key, public_key_of
+from agent.netmap import MapChange, MapGap, NetworkMap
+from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
+from agent.wg import PeerConfig, WireGuardBackend, WireGuardError
+
+log = logging.getLogger("starling.agent")
+MESH = ipaddress.IPv4Network("100.64.0.0/10")
+VIRTUAL_PREFIXES = ("docker", "br-", "virbr", "cni", "flannel", "cali", "kube", "podman", "veth", "tailscale", "wt")
+RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
+
+
+def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Any:
+    delay = start
+    while True:
+        yield random.uniform(0, delay)  # noqa: S311 - full jitter
+        delay = min(delay * 2, cap)
+
+
+class ServiceStatus:
+    def __init__(self) -> None:
+        self.connected = False
+        self.last_error: str | None = None
+        self.since = time.time()
+
+    def set(self, connected: bool, error: str | None = None) -> None:
+        if connected != self.connected:
+            self.since = time.time()
+        self.connected, self.last_error = connected, error
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"connected": self.connected, "last_error": self.last_error, "since": self.since}
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, state: AgentState, keys: KeySource, backend: WireGuardBackend) -> None:
+        self.config = config
+        self.state = state
+        self.keys = keys
+        self.backend = backend
+        self.private_key = ""
+        self.public_key = ""
+        self.map = NetworkMap()
+        self.conns: dict[str, PeerConnection] = {}
+        self.by_key: dict[str, str] = {}
+        self.pending: dict[str, tuple[float, list[Candidate]]] = {}
+        self.management = ServiceStatus()
+        self.signal_status = ServiceStatus()
+        self.api = PeerApi(state.management_url, state.credential)
+        self.signal: Any = None
+        self.started = time.time()
+        self.stop_event = asyncio.Event()
+        self.remove_on_exit = False
+        self.port = config.port
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._address: tuple[str, int] | None = None
+
+    @property
+    def map_cache(self) -> Path:
+        return self.config.state_dir / "map.json"
+
+    # ----- lifecycle --------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.private_key = self.keys.load()
+        self.public_key = public_key_of(self.private_key)
+        await asyncio.to_thread(self.backend.up, self.private_key, self.config.port)
+        self.port = await asyncio.to_thread(self.backend.listen_port) or self.config.port
+        cached = self._load_cached_map()
+        if cached is not None:
+            await self._apply(cached, initial=True)
+        control = ControlServer(self.config.control_socket, self)
+        await control.start()
+        self._tasks = [
+            asyncio.create_task(self._follow_map(), name="map"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self._reporter(), name="reporter"),
+            asyncio.create_task(self._signal(), name="signal"),
+        ]
+        log.info(
+            "agent up: %s %s on %s (%s backend)",
+            self.state.name,
+            self.state.mesh_ip,
+            self.backend.interface,
+            self.backend.kind,
+        )
+        try:
+            await self.stop_event.wait()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await control.stop()
+            if self.signal is not None:
+                with contextlib.suppress(Exception):
+                    await self.signal.close()
+            await self.api.close()
+            if self.remove_on_exit:
+                await asyncio.to_thread(self.backend.down)
+                log.info("interface %s removed", self.backend.interface)
+            else:
+                self.backend.close()
+
+    def request_stop(self, remove: bool = False) -> None:
+        self.remove_on_exit = self.remove_on_exit or remove
+        self.stop_event.set()
+
+    # ----- map --------------------------------------------------------------------------------
+    def _load_cached_map(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.map_cache.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("type") == "map" else None
+
+    def _save_map(self, msg: dict[str, Any]) -> None:
+        full = {
+            "type": "map",
+            "serial": self.map.serial,
+            "peer": self.map.me,
+            "peers": list(self.map.peers.values()),
+            "firewall": {"rules": self.map.rules, "sets": self.map.sets},
+            "dns": self.map.dns,
+            "signal": self.map.signal,
+            "relays": self.map.relays,
+        }
+        write_private(self.map_cache, json.dumps(full))
+
+    async def _follow_map(self) -> None:
+        delays = backoff_delays()
+        while True:
+            try:
+                async for event, data in self.api.stream():
+                    if event in ("map", "delta"):
+                        if not self.management.connected:
+                            self.management.set(True)
+                            delays = backoff_delays()
+                        await self._apply(data)
+                    elif event == "deleted":
+                        self.management.set(False, "this peer was removed from the mesh")
+                        log.error("the coordinator removed this peer; stopping")
+                        self.request_stop(remove=True)
+                        return
+                    elif event == "closed":
+                        raise CoordinatorError("stream replaced by another connection of this peer")
+                raise CoordinatorError("map stream ended")
+            except MapGap as exc:
+                log.warning("%s: reconnecting for a full map", exc)
+                self.management.set(False, str(exc))
+                continue
+            except CoordinatorError as exc:
+                self.management.set(False, str(exc))
+                if exc.status == 401:
+                    log.error("coordinator refused our credential: run `starling up` again")
+            except (ValueError, KeyError, TypeError) as exc:
+                self.management.set(False, f"bad map message: {exc}")
+                log.error("bad map message from the coordinator: %s", exc)
+            await asyncio.sleep(next(delays))
+
+    async def _apply(self, msg: dict[str, Any], *, initial: bool = False) -> None:
+        change = self.map.apply(msg)
+        me = self.map.me
+        prefix = ipaddress.IPv4Network(me.get("mesh_prefix") or f"{me['mesh_ip']}/32", strict=False)
+        address = (me["mesh_ip"], prefix.prefixlen)
+        if address != self._address:
+            await asyncio.to_thread(netlink.ensure_address, self.backend.interface, *address)
+            self._address = address
+        await self._reconcile(change, full=change.full)
+        if not initial:
+            await asyncio.to_thread(self._save_map, msg)
+
+    async def _reconcile(self, change: MapChange, *, full: bool) -> None:
+        for pid, entry in change.removed.items():
+            conn = self.conns.pop(pid, None)
+            self.by_key.pop(entry["public_key"], None)
+            await self._wg(self.backend.remove_peer, entry["public_key"])
+            log.info("peer %s removed", entry.get("name"))
+            del conn
+        for pid, (old, new) in change.changed.items():
+            if old["public_key"] != new["public_key"]:
+                await self._wg(self.backend.remove_peer, old["public_key"])
+                self.by_key.pop(old["public_key"], None)
+                self.conns.pop(pid, None)
+                change.added[pid] = new
+            elif old["allowed_ips"] != new["allowed_ips"]:
+                conn = self.conns[pid]
+                await self._wg(self.backend.set_peer, self._peer_config(new, conn.endpoint))
+            if pid in self.conns:
+                self.conns[pid].name = new["name"]
+        for pid, entry in change.added.items():
+            conn = PeerConnection(pid, entry["public_key"], entry["name"], entry["mesh_ip"])
+            conn.set_state(PathState.CONNECTING)
+            conn.path_changes = 0
+            self.conns[pid] = conn
+            self.by_key[entry["public_key"]] = pid
+            existing = await asyncio.to_thread(self._wg_peers_safe)
+            current = existing.get(entry["public_key"])
+            if current is not None and current.endpoint:
+                conn.endpoint = current.endpoint  # adopted tunnel: keep it as it is
+            else:
+                await self._wg(self.backend.set_peer, self._peer_config(entry, None))
+            pending = self.pending.pop(entry["public_key"], None)
+            if pending is not None:
+                await self._use_candidates(conn, pending[1])
+            await self._offer(conn, "offer")
+        if full:
+            wanted = {e["public_key"] for e in self.map.peers.values()}
+            for key in set(await asyncio.to_thread(self._wg_peers_safe)) - wanted:
+                await self._wg(self.backend.remove_peer, key)
+
+    def _peer_config(self, entry: dict[str, Any], endpoint: str | None) -> PeerConfig:
+        return PeerConfig(entry["public_key"], tuple(entry["allowed_ips"]), endpoint, self.config.keepalive)
+
+    def _wg_peers_safe(self) -> dict[str, Any]:
+        try:
+            return self.backend.peers()
+        except WireGuardError:
+            return {}
+
+    async def _wg(self, fn: Any, *args: Any) -> None:
+        try:
+            await asyncio.to_thread(fn, *args)
+        except WireGuardError as exc:
+            log.error("WireGuard: %s", exc)
+
+    # ----- candidates and signal --------------------------------------------------------------
+    def host_candidates(self) -> list[Candidate]:
+        exclude = {self.backend.interface}
+        addrs = netlink.local_addresses(exclude, [MESH])
+        return [
+            Candidate(f"{ip}:{self.port}", "host") for name, ip, _ in addrs if not name.startswith(VIRTUAL_PREFIXES)
+        ]
+
+    def local_nets(self) -> list[ipaddress.IPv4Network]:
+        nets = []
+        for _, ip, plen in netlink.local_addresses({self.backend.interface}, [MESH]):
+            nets.append(ipaddress.IPv4Network(f"{ip}/{plen}", strict=False))
+        return nets
+
+    async def _offer(self, conn: PeerConnection, kind: str) -> bool:
+        if self.signal is None or not self.signal.connected:
+            return False
+        cands = await asyncio.to_thread(self.host_candidates)
+        sent = bool(await self.signal.send(conn.public_key, kind, {"candidates": [c.to_wire() for c in cands]}))
+        log.debug("%s to %s: %s (%s)", kind, conn.name, [c.address for c in cands], "sent" if sent else "not sent")
+        return sent
+
+    async def on_signal_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
+        candidates = parse_candidates(body.get("candidates") if isinstance(body, dict) else None)
+        pid = self.by_key.get(sender)
+        log.debug("%s from %s: %s", kind, self.conns[pid].name if pid else sender, [c.address for c in candidates])
+        if pid is None:
+            # Not in our map (yet): keep the candidates a short while; the map may be a moment behind.
+            self.pending[sender] = (time.monotonic(), candidates)
+            for key in [k for k, (t, _) in self.pending.items() if time.monotonic() - t > 30]:
+                del self.pending[key]
+            return
+        conn = self.conns[pid]
+        if kind == "offer":
+            await self._offer(conn, "answer")
+        await self._use_candidates(conn, candidates)
+
+    async def _use_candidates(self, conn: PeerConnection, candidates: list[Candidate]) -> None:
+        endpoint = conn.remote_candidates(candidates, await asyncio.to_thread(self.local_nets))
+        if endpoint is not None:
+            entry = self.map.peers.get(conn.peer_id)
+            if entry is not None:
+                await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+
+    async def _signal(self) -> None:
+        """Connect to signal (URL from the map, or the config) and keep connected."""
+        from agent.signal_client import SignalClient
+        from agent.signal_crypto import SignalCrypto
+
+        while True:
+            url = self.config.signal_url or self.map.signal.get("url", "")
+            if url:
+                break
+            self.signal_status.set(False, "no signal URL (coordinator settings.signal_url or agent signal_url)")
+            await asyncio.sleep(1)
+
+        async def token() -> str:
+            return await self.api.signal_token()
+
+        async def on_message(sender: str, kind: str, body: dict[str, Any]) -> None:
+            await self.on_signal_message(sender, kind, body)
+
+        crypto = SignalCrypto(decode_key(self.private_key))
+        self.signal = SignalClient(url, token, crypto, on_message)
+        runner = asyncio.create_task(self.signal.run())
+        try:
+            while True:
+                self.signal_status.set(bool(self.signal.connected), self.signal.last_error)
+                await asyncio.sleep(0.2)
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+
+    # ----- watchdog and reports ---------------------------------------------------------------
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            stats = await asyncio.to_thread(self._wg_peers_safe)
+            now, mono = time.time(), time.monotonic()
+            for conn in list(self.conns.values()):
+                st = stats.get(conn.public_key)
+                if st is None:
+                    continue
+                endpoint = conn.observe(st.last_handshake, st.rx_bytes, st.tx_bytes, st.endpoint, now)
+                entry = self.map.peers.get(conn.peer_id)
+                if endpoint is not None and entry is not None:
+                    await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+                if conn.offer_due(mono) and not await self._offer(conn, "offer"):
+                    conn.next_offer_at = mono + 0.5
+                    conn.offer_backoff = max(1.0, conn.offer_backoff / 2)
+
+    async def _reporter(self) -> None:
+        last: list[dict[str, Any]] | None = None
+        last_sent = 0.0
+        while True:
+            await asyncio.sleep(self.config.report_interval)
+            report = [
+                {
+                    "peer_id": c.peer_id,
+                    "path": c.state.value,
+                    "endpoint": c.endpoint,
+                    "latency_ms": c.latency_ms,
+                    "rx_bytes": c.rx_bytes,
+                    "tx_bytes": c.tx_bytes,
+                    "last_handshake": _iso(c.last_handshake),
+                }
+                for c in self.conns.values()
+            ]
+            if report == last and time.monotonic() - last_sent < 60:
+                continue
+            try:
+                await self.api.report_state(report)
+                last, last_sent = report, time.monotonic()
+            except CoordinatorError as exc:
+                log.debug("state report failed: %s", exc)
+
+    # ----- status -----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "name": self.state.name,
+            "peer_id": self.state.peer_id,
+            "mesh_ip": self.state.mesh_ip,
+            "public_key": self.public_key,
+            "interface": self.backend.interface,
+            "backend": self.backend.kind,
+            "listen_port": self.port,
+            "management": {"url": self.state.management_url, **self.management.as_dict()},
+            "signal": self.signal_status.as_dict(),
+            "map_serial": self.map.serial,
+            "uptime": time.time() - self.started,
+            "peers": sorted((c.status() for c in self.conns.values()), key=lambda p: p["name"]),
+        }
+
+
+def _iso(ts: float) -> str | None:
+    if not ts:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,82 @@
+"""Key sources: where the agent's WireGuard private key comes from.
+
+`KeySource` is the interface; `FileKeySource` keeps the key in a 0600 file (generated on first use).
+The Vault key source (AppRole, KV v2) is added beside it by the Vault issue.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from agent.config import write_private
+
+
+class KeyError_(Exception):
+    pass
+
+
+def public_key_of(private_b64: str) -> str:
+    raw = decode_key(private_b64)
+    pub = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(pub).decode()
+
+
+def decode_key(value: str) -> bytes:
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise KeyError_("WireGuard key is not valid base64") from exc
+    if len(raw) != 32:
+        raise KeyError_("WireGuard key must be 32 bytes")
+    return raw
+
+
+def generate_private_key() -> str:
+    raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    clamped = bytearray(raw)
+    clamped[0] &= 248
+    clamped[31] = (clamped[31] & 127) | 64
+    return base64.b64encode(bytes(clamped)).decode()
+
+
+class KeySource(Protocol):
+    name: str
+
+    def load(self) -> str:
+        """The current private key (base64)."""
+        ...
+
+
+class FileKeySource:
+    name = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> str:
+        if not self.path.exists():
+            write_private(self.path, generate_private_key() + "\n")
+        try:
+            text = self.path.read_text().strip()
+        except OSError as exc:
+            raise KeyError_(f"cannot read private key {self.path}: {exc.strerror}") from exc
+        try:
+            decode_key(text)
+        except KeyError_ as exc:
+            raise KeyError_(f"private key file {self.path} is corrupt: {exc}") from exc
+        if self.path.stat().st_mode & 0o077:
+            raise KeyError_(f"private key file {self.path} is readable by others: chmod 600 it")
+        return text
+
+
+def make_key_source(spec: dict[str, Any], state_dir: Path) -> KeySource:
+    kind = spec.get("type", "file")
+    if kind == "file":
+        return FileKeySource(Path(spec.get("path", state_dir / "private.key")))
+    raise KeyError_(f"key_source.type {kind!r} is not supported (file)")

@@ -1,0 +1,173 @@
+"""Per-peer connection state machine: idle -> connecting -> direct | relayed -> (lost) -> connecting.
+
+One `PeerConnection` per remote peer in the map. It holds the remote's candidates (learned through
+signal), the endpoint WireGuard uses now, and the path state; `observe()` feeds it WireGuard's
+handshake times and it decides when to try the next candidate or re-offer (exponential backoff
+with jitter). NAT traversal (the next issue) adds server-reflexive and relay candidates here.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+HANDSHAKE_FRESH = 180.0  # WireGuard rekeys every 120 s; no handshake for 180 s means the path is dead
+CANDIDATE_TIMEOUT = 3.0
+
+
+class PathState(enum.StrEnum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    DIRECT = "direct"
+    RELAYED = "relayed"
+    LOST = "lost"
+
+
+@dataclass
+class Candidate:
+    address: str  # ip:port
+    kind: str = "host"  # host | srflx | relay
+
+    @property
+    def ip(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    def to_wire(self) -> dict[str, str]:
+        return {"address": self.address, "kind": self.kind}
+
+
+def parse_candidates(raw: Any) -> list[Candidate]:
+    """Validate candidates from a remote peer: a list of {address: "ipv4:port", kind}. Bad ones are dropped."""
+    out: list[Candidate] = []
+    if not isinstance(raw, list):
+        return out
+    for item in raw[:16]:
+        if not isinstance(item, dict) or not isinstance(item.get("address"), str):
+            continue
+        host, _, port = item["address"].rpartition(":")
+        try:
+            ip = ipaddress.IPv4Address(host)
+            port_n = int(port)
+        except ValueError:
+            continue
+        if not 1 <= port_n <= 65535 or ip.is_loopback or ip.is_multicast or ip.is_unspecified:
+            continue
+        if ip in ipaddress.IPv4Network("100.64.0.0/10"):
+            continue  # never tunnel the mesh over itself
+        kind = item.get("kind", "host")
+        out.append(Candidate(f"{ip}:{port_n}", kind if kind in ("host", "srflx", "relay") else "host"))
+    return out
+
+
+def rank(candidates: list[Candidate], local_nets: list[ipaddress.IPv4Network]) -> list[Candidate]:
+    """Same-subnet host candidates first, then other host candidates, then the rest."""
+
+    def score(c: Candidate) -> tuple[int, int]:
+        ip = ipaddress.IPv4Address(c.ip)
+        same = any(ip in net for net in local_nets)
+        return (0 if c.kind == "host" and same else 1 if c.kind == "host" else 2, 0)
+
+    return sorted(candidates, key=score)
+
+
+@dataclass
+class PeerConnection:
+    peer_id: str
+    public_key: str
+    name: str
+    mesh_ip: str
+    state: PathState = PathState.IDLE
+    endpoint: str | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    candidate_index: int = 0
+    since: float = field(default_factory=time.time)
+    endpoint_set_at: float = 0.0
+    path_changes: int = 0
+    last_handshake: float = 0.0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    latency_ms: float | None = None
+    next_offer_at: float = 0.0
+    offer_backoff: float = 1.0
+    last_error: str | None = None
+
+    def set_state(self, state: PathState) -> bool:
+        if state == self.state:
+            return False
+        self.state = state
+        self.since = time.time()
+        self.path_changes += 1
+        return True
+
+    def remote_candidates(self, candidates: list[Candidate], local_nets: list[ipaddress.IPv4Network]) -> str | None:
+        """Take the remote's candidates; returns the endpoint to configure now (None: keep)."""
+        ranked = rank(candidates, local_nets)
+        if not ranked:
+            return None
+        if [c.address for c in ranked] == [c.address for c in self.candidates] and self.endpoint:
+            return None
+        self.candidates = ranked
+        self.candidate_index = 0
+        if self.state in (PathState.DIRECT, PathState.RELAYED) and self.endpoint in {c.address for c in ranked}:
+            return None  # working path is still offered: do not disturb it
+        return self._use(0)
+
+    def _use(self, index: int) -> str:
+        self.candidate_index = index
+        self.endpoint = self.candidates[index].address
+        self.endpoint_set_at = time.monotonic()
+        if self.state not in (PathState.DIRECT, PathState.RELAYED):
+            self.set_state(PathState.CONNECTING)
+        return self.endpoint
+
+    def observe(self, last_handshake: float, rx: int, tx: int, endpoint: str | None, now: float) -> str | None:
+        """Update from WireGuard stats; returns a new endpoint to try, or None."""
+        self.last_handshake, self.rx_bytes, self.tx_bytes = last_handshake, rx, tx
+        fresh = last_handshake > 0 and now - last_handshake < HANDSHAKE_FRESH
+        if fresh:
+            if endpoint:
+                self.endpoint = endpoint  # WireGuard roams to where the peer really is
+            if self.set_state(PathState.DIRECT):
+                self.offer_backoff = 1.0
+            return None
+        if self.state in (PathState.DIRECT, PathState.RELAYED):
+            self.set_state(PathState.LOST)
+            self.next_offer_at = 0.0
+        if self.candidates and time.monotonic() - self.endpoint_set_at > CANDIDATE_TIMEOUT:
+            nxt = (self.candidate_index + 1) % len(self.candidates)
+            if len(self.candidates) > 1 or self.state == PathState.LOST:
+                if self.state == PathState.LOST:
+                    self.set_state(PathState.CONNECTING)
+                return self._use(nxt)
+        return None
+
+    def offer_due(self, mono_now: float) -> bool:
+        """Time to (re)send our candidates? Backs off exponentially (with jitter) while not connected."""
+        if self.state in (PathState.DIRECT, PathState.RELAYED):
+            return False
+        if mono_now < self.next_offer_at:
+            return False
+        self.next_offer_at = mono_now + self.offer_backoff * random.uniform(0.8, 1.2)  # noqa: S311
+        self.offer_backoff = min(self.offer_backoff * 2, 30.0)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "name": self.name,
+            "public_key": self.public_key,
+            "mesh_ip": self.mesh_ip,
+            "path": self.state.value,
+            "endpoint": self.endpoint,
+            "candidates": [c.to_wire() for c in self.candidates],
+            "last_handshake": self.last_handshake or None,
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "latency_ms": self.latency_ms,
+            "since": self.since,
+            "path_changes": self.path_changes,
+        }

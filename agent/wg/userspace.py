@@ -1,0 +1,100 @@
+"""Userspace WireGuard: a supervised `wireguard-go` process configured over its UAPI socket.
+
+wireguard-go runs in its own session so the tunnel survives an agent restart (the new agent adopts
+the interface); deleting the link makes wireguard-go exit, which is how `down()` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+from agent import netlink
+from agent.wg.backend import PeerConfig, PeerStats, WireGuardBackend, WireGuardError
+from agent.wg.uapi import SOCKET_DIR, UapiClient, key_to_hex, peer_lines
+
+
+class UserspaceBackend(WireGuardBackend):
+    kind = "userspace"
+
+    def __init__(self, interface: str, *, binary: str | None = None, log_dir: Path | None = None) -> None:
+        super().__init__(interface)
+        self.binary = binary or shutil.which("wireguard-go") or "/usr/bin/wireguard-go"
+        self.log_dir = log_dir
+        self.uapi = UapiClient(interface)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _socket_ready(self) -> bool:
+        return (SOCKET_DIR / f"{self.interface}.sock").exists() and netlink.link_exists(self.interface)
+
+    def up(self, private_key: str, listen_port: int) -> None:
+        if not self._socket_ready():
+            self._spawn()
+        self.uapi.set([f"private_key={key_to_hex(private_key)}", f"listen_port={int(listen_port)}"])
+        netlink.set_up(self.interface, mtu=1280)
+
+    def _spawn(self) -> None:
+        if not os.path.exists(self.binary):
+            raise WireGuardError(f"{self.interface}: wireguard-go not found ({self.binary}); install wireguard-go")
+        if netlink.link_exists(self.interface):
+            raise WireGuardError(f"{self.interface}: a link with this name exists but is not a wireguard-go device")
+        log: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            log = open(self.log_dir / f"wireguard-go-{self.interface}.log", "ab")  # noqa: SIM115
+        env = {**os.environ, "LOG_LEVEL": os.environ.get("WG_LOG_LEVEL", "error")}
+        try:
+            self.process = subprocess.Popen(
+                [self.binary, "-f", self.interface],
+                stdin=subprocess.DEVNULL,
+                stdout=log if log is not None else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            if log is not None:
+                log.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise WireGuardError(f"{self.interface}: wireguard-go exited with {self.process.returncode}")
+            if self._socket_ready():
+                return
+            time.sleep(0.01)
+        raise WireGuardError(f"{self.interface}: wireguard-go did not create its UAPI socket in 5 s")
+
+    def set_private_key(self, private_key: str) -> None:
+        self.uapi.set([f"private_key={key_to_hex(private_key)}"])
+
+    def set_peer(self, peer: PeerConfig) -> None:
+        self.uapi.set(peer_lines(peer))
+
+    def remove_peer(self, public_key: str) -> None:
+        self.uapi.set([f"public_key={key_to_hex(public_key)}", "remove=true"])
+
+    def peers(self) -> dict[str, PeerStats]:
+        return self.uapi.get()[1]
+
+    def listen_port(self) -> int:
+        return int(self.uapi.get()[0].get("listen_port", "0"))
+
+    def down(self) -> None:
+        netlink.delete_link(self.interface)
+        if self.process is not None:
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+        sock = SOCKET_DIR / f"{self.interface}.sock"
+        if sock.exists() and not netlink.link_exists(self.interface):
+            sock.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.process = None  # keeps running on purpose: the tunnel outlives the agent process

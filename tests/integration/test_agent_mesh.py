@@ -1,0 +1,157 @@
+"""Real agents (wireguard-go) in network namespaces with a real coordinator and signal service.
+
+Topology: a bridge 198.18.N.0/24 in the root namespace (coordinator and signal listen on .1) and
+one namespace per agent. Groups alpha, beta, gamma; policies alpha<->beta and beta<->gamma.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.mesh import Mesh, SignalProcess, wait_for
+from tests.fixtures.netns import netlab
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    workdir = tmp_path_factory.mktemp("mesh")
+    with netlab() as lab:
+        coord = CoordinatorProcess(workdir=workdir / "coordinator", config={}, host=lab.gateway)
+        signal = SignalProcess(workdir / "signal", lab.gateway, "")
+        try:
+            coord.start()
+            signal.coordinator_url = coord.url
+            signal.start()
+            with coord.client() as api:
+                assert api.patch("/api/v1/settings", json={"signal_url": signal.ws_url}).status_code == 200
+                for g in ("alpha", "beta", "gamma"):
+                    api.post("/api/v1/groups", json={"name": g})
+                for src, dst in (("alpha", "beta"), ("beta", "gamma")):
+                    r = api.post("/api/v1/policies", json={"name": f"{src}-{dst}", "bidirectional": True,
+                                                            "sources": {"groups": [src]},
+                                                            "destinations": {"groups": [dst]}})
+                    assert r.status_code == 201, r.text
+            m = Mesh(lab, coord, signal, workdir)
+            for name, group in (("a", "alpha"), ("b", "beta"), ("c", "gamma")):
+                m.start_agent(name, [group])
+            yield m
+        finally:
+            for agent in list(locals().get("m", Mesh(lab, coord, signal, workdir)).agents.values()):
+                print(f"--- agent {agent.host.name} log ---\n{agent.log_tail()}")
+                print(agent.host.exec("wg", "show", "all", check=False).stdout)
+            signal.stop()
+            coord.stop()
+
+
+def policy_id(mesh: Mesh, name: str) -> str:
+    with mesh.api() as api:
+        return str(api.get("/api/v1/policies", params={"name": name}).json()["items"][0]["id"])
+
+
+def test_allowed_pairs_ping_and_denied_pairs_do_not(mesh: Mesh) -> None:
+    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b over the mesh")
+    wait_for(lambda: mesh.can_ping("b", "c"), 15, what="b -> c over the mesh")
+    assert mesh.can_ping("c", "b") and mesh.can_ping("b", "a")
+    assert not mesh.can_ping("a", "c", wait=0.5)
+    status = mesh.agents["a"].status()
+    assert status["management"]["connected"] and status["signal"]["connected"]
+    peer = mesh.agents["a"].peer_status("b")
+    assert peer["path"] == "direct" and peer["endpoint"].startswith(mesh.agents["b"].host.ip)
+    text = mesh.agents["a"].cli("status", "-d").stdout
+    assert "b  " + mesh.agents["b"].mesh_ip in text and "path:           direct" in text
+
+
+def test_unrelated_change_does_not_touch_existing_tunnel(mesh: Mesh) -> None:
+    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b")
+    before = mesh.agents["a"].wg_dump()
+    with mesh.api() as api:  # concerns gamma only
+        api.post("/api/v1/groups", json={"name": "delta"})
+        r = api.post("/api/v1/policies", json={"name": "gamma-delta", "sources": {"groups": ["gamma"]},
+                                                "destinations": {"groups": ["delta"]}})
+        assert r.status_code == 201
+    time.sleep(1.5)
+    after = mesh.agents["a"].wg_dump()
+    b_key = mesh.agents["a"].peer_status("b")["public_key"]
+    # Same endpoint and same last-handshake time: no reconfiguration, no re-handshake.
+    assert before[b_key][2] == after[b_key][2] and before[b_key][4] == after[b_key][4]
+
+
+def test_removing_a_policy_cuts_the_pair_within_a_second(mesh: Mesh) -> None:
+    wait_for(lambda: mesh.can_ping("b", "c"), 15, what="b -> c")
+    c_key = mesh.agents["b"].peer_status("c")["public_key"]
+    pid = policy_id(mesh, "beta-gamma")
+    with mesh.api() as api:
+        started = time.monotonic()
+        assert api.patch(f"/api/v1/policies/{pid}", json={"enabled": False}).status_code == 200
+    gone = wait_for(lambda: c_key not in mesh.agents["b"].wg_dump(), 1.0, interval=0.02, what="tunnel b-c removed")
+    assert time.monotonic() - started < 1.5 and gone <= 1.0
+    assert not mesh.can_ping("b", "c", wait=0.5)
+    with mesh.api() as api:
+        api.patch(f"/api/v1/policies/{pid}", json={"enabled": True})
+    wait_for(lambda: mesh.can_ping("b", "c"), 15, what="b -> c again")
+
+
+def test_a_new_peer_becomes_reachable(mesh: Mesh) -> None:
+    mesh.start_agent("d", ["alpha"])
+    wait_for(lambda: mesh.can_ping("d", "b"), 15, what="d -> b")
+    assert mesh.can_ping("b", "d")
+    assert not mesh.can_ping("d", "c", wait=0.5)
+
+
+def test_traffic_survives_coordinator_and_signal_outage_and_updates_resume(mesh: Mesh) -> None:
+    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b")
+    mesh.coordinator.stop()
+    mesh.signal.stop()
+    try:
+        wait_for(lambda: not mesh.agents["a"].status()["management"]["connected"], 10, what="a sees the outage")
+        for _ in range(5):
+            assert mesh.can_ping("a", "b"), "traffic stopped while the control plane was down"
+        status = mesh.agents["a"].cli("status").stdout
+        assert "Management:  DISCONNECTED" in status
+    finally:
+        mesh.coordinator.start()
+        mesh.signal.start()
+    resumed = wait_for(lambda: mesh.agents["a"].status()["management"]["connected"], 10, what="a reconnects")
+    assert resumed < 6
+    pid = policy_id(mesh, "alpha-beta")
+    with mesh.api() as api:
+        api.patch(f"/api/v1/policies/{pid}", json={"enabled": False})
+    wait_for(lambda: not mesh.agents["a"].peer_status("b"), 5, what="update after restart reaches a")
+    with mesh.api() as api:
+        api.patch(f"/api/v1/policies/{pid}", json={"enabled": True})
+    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b restored")
+
+
+def test_bad_input_leaves_nothing_behind(mesh: Mesh, tmp_path: Path) -> None:
+    host = mesh.lab.add_host("x")
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nbackend: userspace\n")
+    iface = f"{mesh.lab.prefix}x"
+
+    def up(*args: str) -> tuple[int, str]:
+        r = host.exec(*["python3" if False else __import__("sys").executable, "-m", "agent.cli", "--config",
+                        str(cfg), "up", "--foreground", "--interface", iface, *args], check=False, timeout=30)
+        return r.returncode, r.stderr
+
+    code, err = up("--management-url", mesh.coordinator.url, "--setup-key", "ssk_wrong-key-000")
+    assert code == 3 and "setup key is not valid" in err
+    code, err = up("--management-url", f"http://{mesh.lab.gateway}:1", "--setup-key", "ssk_x")
+    assert code == 4 and "unreachable" in err
+    assert not (tmp_path / "state" / "state.json").exists() and not (tmp_path / "state" / "private.key").exists()
+    assert iface not in host.exec("ip", "link").stdout
+    cfg.write_text("interface: [broken\n")
+    code, err = up("--management-url", mesh.coordinator.url, "--setup-key", "ssk_x")
+    assert code == 2 and "cannot be read" in err
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "state.json").write_text("{corrupt")
+    code, err = up()
+    assert code == 2 and "corrupt" in err
+    assert iface not in host.exec("ip", "link").stdout
