@@ -102,6 +102,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             setattr(config, attr, value)
     config.validate()
     setup_key = args.setup_key or os.environ.get("STARLING_SETUP_KEY", "")
+    try:
+        running = call(config.control_socket, {"cmd": "status"}, timeout=2)
+    except ControlError:
+        running = None
+    if running is not None:
+        status = running.get("status", {})
+        print(f"starling is already up as {status.get('name')} ({status.get('mesh_ip')}); `starling down` first")
+        return 0
     state_file = config.state_file
     existing = AgentState.load(state_file) if state_file.exists() else None
     if not config.management_url:

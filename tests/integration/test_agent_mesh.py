@@ -155,3 +155,16 @@ def test_bad_input_leaves_nothing_behind(mesh: Mesh, tmp_path: Path) -> None:
     code, err = up()
     assert code == 2 and "corrupt" in err
     assert iface not in host.exec("ip", "link").stdout
+
+
+def test_up_again_is_a_noop_and_down_removes_everything(mesh: Mesh) -> None:
+    agent = mesh.agents["c"]
+    again = agent.cli("up", "--foreground")
+    assert again.returncode == 0 and "already up" in again.stdout
+    down = agent.cli("down")
+    assert down.returncode == 0, down.stderr
+    assert agent.interface not in agent.host.exec("ip", "link").stdout
+    assert agent.process is not None and agent.process.wait(10) == 0
+    status = agent.cli("status")
+    assert status.returncode == 5 and "not running" in status.stderr
+    wait_for(lambda: not mesh.can_ping("b", "c", wait=0.3), 5, what="c unreachable after down")
