@@ -128,6 +128,7 @@ class Broker:
             self.metrics.forwarded.inc()
             return
         self.metrics.dropped.labels("offline").inc()
+        log.debug("%r -> %s: recipient offline", sender, frame.to)
         sender.push(protocol.offline(frame.to, frame.id))
 
     def close_all(self, code: int, reason: str) -> None:

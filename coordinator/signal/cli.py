@@ -32,6 +32,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class _DenialNoise(logging.Filter):
+    """Drops the ERROR uvicorn's websockets-sansio protocol logs after every handshake refused with a
+    denial response (it never marks that handshake complete: Kludex/uvicorn PR #3138). Every path of
+    the signal app accepts, denies or closes, so the message carries no information here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
 def setup_logging(config: SignalConfig) -> None:
     handler = logging.StreamHandler()
     if config.log.format == "json":
@@ -41,6 +50,7 @@ def setup_logging(config: SignalConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log.level.upper())
+    logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     for noisy in ("httpx", "httpcore", "websockets"):  # their debug output is not ours to show
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
 
