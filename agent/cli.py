@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -52,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", type=Path)
     up.add_argument("--backend", choices=["auto", "kernel", "userspace"])
     up.add_argument("--signal-url")
+    up.add_argument(
+        "--disable-firewall",
+        action="store_true",
+        default=None,
+        help="do not install the nftables table (the operator filters mesh traffic)",
+    )
     up.add_argument("--foreground", action="store_true", help="run the daemon here instead of through systemd")
     daemon = sub.add_parser("daemon", help="run the agent daemon in the foreground")
     daemon.add_argument("--state-dir", type=Path)
@@ -96,6 +103,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ("hostname", "hostname"),
         ("backend", "backend"),
         ("signal_url", "signal_url"),
+        ("disable_firewall", "disable_firewall"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -214,6 +222,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         config.backend if config.backend != "auto" else "userspace", config.interface, config.state_dir
     )
     backend.down()
+    from agent.firewall import Firewall, FirewallError
+
+    with contextlib.suppress(FirewallError):
+        Firewall(config.interface, monitor=False).remove()
     print(f"starling is down ({config.interface} removed)")
     return 0
 
@@ -239,6 +251,17 @@ def _ago(ts: float | None) -> str:
     return f"{secs:.0f}s ago" if secs < 120 else f"{secs / 60:.0f}m ago"
 
 
+def _firewall_line(fw: dict[str, Any]) -> str:
+    state = fw.get("state", "unknown")
+    if fw.get("mode") == "disabled":
+        return "DISABLED by the operator (mesh traffic is not filtered by starling)"
+    if state == "enforcing":
+        return f"enforcing {fw.get('rules', 0)} rules, {fw.get('elements', 0)} set elements"
+    if state == "guard":
+        return "guard only: all mesh traffic dropped until the first map applies"
+    return f"{state.upper()}: {fw.get('last_error') or 'unknown error'} (mesh traffic dropped, retrying)"
+
+
 def format_status(status: dict[str, Any], *, detail: bool) -> str:
     mgmt, sig = status["management"], status["signal"]
     peers = status["peers"]
@@ -250,6 +273,7 @@ def format_status(status: dict[str, Any], *, detail: bool) -> str:
         f"Signal:      {'connected' if sig['connected'] else 'DISCONNECTED'}"
         + (f" ({sig['last_error']})" if sig["last_error"] and not sig["connected"] else ""),
         f"Peers:       {connected}/{len(peers)} connected (map serial {status['map_serial']})",
+        "Firewall:    " + _firewall_line(status.get("firewall", {})),
     ]
     if detail:
         for p in peers:

@@ -65,6 +65,9 @@ class PeerApi:
     async def report_state(self, connections: list[dict[str, Any]]) -> None:
         await self._post("/api/v1/peer/state", {"connections": connections})
 
+    async def report_event(self, kind: str, message: str) -> None:
+        await self._post("/api/v1/peer/events", {"kind": kind, "message": message[:1024]})
+
     async def stream(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Yield (event, data) from the map stream until it ends; raises CoordinatorError on failure."""
         try:

@@ -35,6 +35,7 @@ class AgentConfig:
     key_source: dict[str, Any] = field(default_factory=lambda: {"type": "file"})
     report_interval: float = 5.0
     keepalive: int = 25
+    disable_firewall: bool = False  # the operator filters mesh traffic themselves
     log_format: str = "text"
     log_level: str = "info"
 

@@ -22,6 +22,7 @@ from agent import __version__, netlink
 from agent.client import CoordinatorError, PeerApi
 from agent.config import AgentConfig, AgentState, write_private
 from agent.control import ControlServer
+from agent.firewall import Firewall, FirewallError
 from agent.keys import KeySource, decode_key, public_key_of
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
@@ -77,6 +78,15 @@ class Agent:
         self.port = config.port
         self._tasks: list[asyncio.Task[Any]] = []
         self._address: tuple[str, int] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.firewall = Firewall(
+            backend.interface,
+            mode="disabled" if config.disable_firewall else "enforce",
+            on_drift=self._on_drift,
+        )
+        self.firewall_pending = False
+        self.map_ready = asyncio.Event()
+        self._candidates: tuple[float, list[Candidate]] = (0.0, [])
 
     @property
     def map_cache(self) -> Path:
@@ -84,8 +94,15 @@ class Agent:
 
     # ----- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.private_key = self.keys.load()
         self.public_key = public_key_of(self.private_key)
+        # Fail closed: the guard (drop everything on the mesh interface) is in place before any peer.
+        try:
+            await asyncio.to_thread(self.firewall.install_guard)
+        except FirewallError as exc:
+            log.error("firewall guard: %s (retrying)", exc)
+            self.firewall_pending = True
         await asyncio.to_thread(self.backend.up, self.private_key, self.config.port)
         self.port = await asyncio.to_thread(self.backend.listen_port) or self.config.port
         cached = self._load_cached_map()
@@ -120,10 +137,13 @@ class Agent:
                     await self.signal.close()
             await self.api.close()
             if self.remove_on_exit:
+                with contextlib.suppress(FirewallError):
+                    await asyncio.to_thread(self.firewall.remove)
                 await asyncio.to_thread(self.backend.down)
                 log.info("interface %s removed", self.backend.interface)
             else:
                 self.backend.close()
+            self.firewall.close()
 
     def request_stop(self, remove: bool = False) -> None:
         self.remove_on_exit = self.remove_on_exit or remove
@@ -189,7 +209,10 @@ class Agent:
         if address != self._address:
             await asyncio.to_thread(netlink.ensure_address, self.backend.interface, *address)
             self._address = address
+        if change.firewall or self.firewall_pending:
+            await self._apply_firewall()
         await self._reconcile(change, full=change.full)
+        self.map_ready.set()
         if not initial:
             await asyncio.to_thread(self._save_map, msg)
 
@@ -232,8 +255,37 @@ class Agent:
             for key in set(await asyncio.to_thread(self._wg_peers_safe)) - wanted:
                 await self._wg(self.backend.remove_peer, key)
 
+    async def _apply_firewall(self) -> None:
+        section = {"default_action": "drop", "rules": self.map.rules, "sets": self.map.sets}
+        try:
+            if self.firewall_pending:
+                await asyncio.to_thread(self.firewall.install_guard)
+            await asyncio.to_thread(self.firewall.apply, section)
+            self.firewall_pending = False
+        except FirewallError as exc:
+            # Fail closed: the previous ruleset (or the guard) stays; the watchdog retries.
+            self.firewall_pending = True
+            log.error("firewall not applied (mesh traffic stays restricted): %s", exc)
+            await self._event("firewall.error", str(exc))
+
+    def _on_drift(self, description: str) -> None:
+        log.warning("firewall drift repaired: %s", description)
+        if self.loop is not None:
+            asyncio.run_coroutine_threadsafe(self._event("firewall.drift", description), self.loop)
+
+    async def _event(self, kind: str, message: str) -> None:
+        try:
+            await self.api.report_event(kind, message)
+        except CoordinatorError as exc:
+            log.debug("event %s not reported: %s", kind, exc)
+
     def _peer_config(self, entry: dict[str, Any], endpoint: str | None) -> PeerConfig:
-        return PeerConfig(entry["public_key"], tuple(entry["allowed_ips"]), endpoint, self.config.keepalive)
+        # No keepalive before an endpoint is known: wireguard-go would try a handshake at once, fail
+        # ("no known endpoint") and then wait its 5 s rekey timeout even after the endpoint arrives.
+        # Setting keepalive together with the first endpoint starts the handshake immediately.
+        return PeerConfig(
+            entry["public_key"], tuple(entry["allowed_ips"]), endpoint, self.config.keepalive if endpoint else 0
+        )
 
     def _wg_peers_safe(self) -> dict[str, Any]:
         try:
@@ -249,11 +301,16 @@ class Agent:
 
     # ----- candidates and signal --------------------------------------------------------------
     def host_candidates(self) -> list[Candidate]:
-        exclude = {self.backend.interface}
-        addrs = netlink.local_addresses(exclude, [MESH])
-        return [
+        """Our host candidates (cached for 2 s: offers to many peers must not each open netlink)."""
+        at, cached = self._candidates
+        if time.monotonic() - at < 2.0:
+            return cached
+        addrs = netlink.local_addresses({self.backend.interface}, [MESH])
+        cands = [
             Candidate(f"{ip}:{self.port}", "host") for name, ip, _ in addrs if not name.startswith(VIRTUAL_PREFIXES)
         ]
+        self._candidates = (time.monotonic(), cands)
+        return cands
 
     def local_nets(self) -> list[ipaddress.IPv4Network]:
         nets = []
@@ -301,7 +358,10 @@ class Agent:
             if url:
                 break
             self.signal_status.set(False, "no signal URL (coordinator settings.signal_url or agent signal_url)")
-            await asyncio.sleep(1)
+            self.map_ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self.map_ready.wait()
 
         async def token() -> str:
             return await self.api.signal_token()
@@ -309,13 +369,25 @@ class Agent:
         async def on_message(sender: str, kind: str, body: dict[str, Any]) -> None:
             await self.on_signal_message(sender, kind, body)
 
+        async def on_offline(target: str, _msg_id: str) -> None:
+            # The peer is not on signal: it will offer to us when it comes online; stop pestering it.
+            pid = self.by_key.get(target)
+            if pid is not None and pid in self.conns:
+                self.conns[pid].peer_offline(time.monotonic())
+
         crypto = SignalCrypto(decode_key(self.private_key))
-        self.signal = SignalClient(url, token, crypto, on_message)
+        self.signal = SignalClient(url, token, crypto, on_message, on_offline)
         runner = asyncio.create_task(self.signal.run())
         try:
             while True:
-                self.signal_status.set(bool(self.signal.connected), self.signal.last_error)
-                await asyncio.sleep(0.2)
+                connected = bool(self.signal.connected)
+                if connected and not self.signal_status.connected:
+                    for conn in list(self.conns.values()):  # (re)connected: offer to everyone waiting now
+                        if conn.state not in (PathState.DIRECT, PathState.RELAYED):
+                            conn.next_offer_at, conn.offer_backoff = 0.0, 1.0
+                            await self._offer(conn, "offer")
+                self.signal_status.set(connected, self.signal.last_error)
+                await asyncio.sleep(0.05)
         finally:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -327,6 +399,14 @@ class Agent:
             await asyncio.sleep(0.5)
             stats = await asyncio.to_thread(self._wg_peers_safe)
             now, mono = time.time(), time.monotonic()
+            if self.firewall_pending and self.map.loaded:
+                await self._apply_firewall()
+            elif self.firewall.mode == "enforce":
+                try:
+                    await asyncio.to_thread(self.firewall.check_drift)
+                except FirewallError as exc:
+                    log.error("firewall repair failed: %s", exc)
+                    self.firewall_pending = True
             for conn in list(self.conns.values()):
                 st = stats.get(conn.public_key)
                 if st is None:
@@ -378,6 +458,7 @@ class Agent:
             "management": {"url": self.state.management_url, **self.management.as_dict()},
             "signal": self.signal_status.as_dict(),
             "map_serial": self.map.serial,
+            "firewall": self.firewall.status(),
             "uptime": time.time() - self.started,
             "peers": sorted((c.status() for c in self.conns.values()), key=lambda p: p["name"]),
         }

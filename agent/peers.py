@@ -155,6 +155,11 @@ class PeerConnection:
         self.offer_backoff = min(self.offer_backoff * 2, 30.0)
         return True
 
+    def peer_offline(self, mono_now: float) -> None:
+        """Signal says the peer is not connected: wait for its own offer (it sends one on connect)."""
+        self.next_offer_at = mono_now + 30.0
+        self.offer_backoff = 30.0
+
     def status(self) -> dict[str, Any]:
         return {
             "peer_id": self.peer_id,

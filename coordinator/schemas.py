@@ -51,6 +51,13 @@ class ConnectionState(Model):
     tx_bytes: int = Field(0, ge=0)
 
 
+class PeerEvent(Model):
+    """Something the agent saw that operators must be able to audit (e.g. its firewall was tampered with)."""
+
+    kind: Literal["firewall.drift", "firewall.error", "firewall.disabled", "key.reloaded"]
+    message: Annotated[str, StringConstraints(max_length=1024)]
+
+
 class StateReport(Model):
     connections: list[ConnectionState] = Field(default_factory=list, max_length=10_000)
 

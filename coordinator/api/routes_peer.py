@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator.api.deps import Coord, PeerAuth
 from coordinator.errors import NotFound
-from coordinator.schemas import EnrollRequest, EnrollResponse, SignalToken, SigningKey, StateReport
+from coordinator.schemas import EnrollRequest, EnrollResponse, PeerEvent, SignalToken, SigningKey, StateReport
 
 router = APIRouter(prefix="/api/v1")
 
@@ -60,6 +60,14 @@ async def peer_stream(coord: Coord, peer: PeerAuth) -> StreamingResponse:
 def report_state(coord: Coord, peer: PeerAuth, body: StateReport) -> Response:
     """The agent's per-remote-peer connection state (path, latency, last handshake, bytes)."""
     coord.peers.report_state(peer[0], body)
+    return Response(status_code=204)
+
+
+@router.post("/peer/events", status_code=204, tags=["peer"])
+def report_event(coord: Coord, peer: PeerAuth, body: PeerEvent) -> Response:
+    """An event the agent saw that belongs in the audit log (e.g. `firewall.drift`: someone flushed or
+    edited the agent's nftables table and it restored it). At most 10 per minute per peer."""
+    coord.peers.report_event(peer[0], body)
     return Response(status_code=204)
 
 

@@ -16,6 +16,7 @@ from coordinator.schemas import (
     EnrollRequest,
     EnrollResponse,
     Page,
+    PeerEvent,
     PeerOut,
     PeerUpdate,
     StateReport,
@@ -73,6 +74,7 @@ class PeerService:
     def __init__(self, coord: Coordinator) -> None:
         self.c = coord
         self._last_report: dict[str, float] = {}
+        self._events: dict[str, list[float]] = {}
 
     @property
     def domain(self) -> str:
@@ -265,6 +267,21 @@ class PeerService:
                 .where(Peer.id == peer_id)
                 .values(connections=data, connections_reported_at=now, last_seen=now)
             )
+
+    def report_event(self, peer_id: str, event: PeerEvent) -> None:
+        """Record an agent-reported event in the audit log (at most 10 per minute per peer)."""
+        now = time.monotonic()
+        recent = [t for t in self._events.get(peer_id, []) if now - t < 60]
+        if len(recent) >= 10:
+            raise RateLimited("at most 10 events per minute per peer")
+        self._events[peer_id] = [*recent, now]
+
+        def run(tx: Tx) -> None:
+            peer = self._get(tx.session, peer_id)
+            tx.actor = f"peer:{peer.name}"
+            tx.audit(f"peer.{event.kind}", "peer", peer.id, peer.name, None, {"message": event.message})
+
+        self.c.write("peer", run)
 
     def mark_connected(self, peer_id: str, connected: bool) -> None:
         with self.c.store.transaction() as s:

@@ -208,3 +208,15 @@ def test_new_stream_replaces_the_old_one(mesh: Mesh) -> None:
             second.close()
     finally:
         first.close()
+
+
+def test_agent_events_land_in_the_audit_log(mesh: Mesh) -> None:
+    with mesh.peer_client("dev") as dev:
+        r = dev.post("/api/v1/peer/events", json={"kind": "firewall.drift", "message": "table flushed; restored"})
+        assert r.status_code == 204, r.text
+        assert dev.post("/api/v1/peer/events", json={"kind": "rm -rf", "message": "x"}).status_code == 422
+    with mesh.coord.client() as api:
+        events = api.get("/api/v1/audit", params={"action": "peer.firewall.drift",
+                                                  "target_id": mesh.peers["dev"]["peer"]["id"]}).json()["items"]
+    assert events[0]["actor"] == "peer:" + mesh.peers["dev"]["peer"]["name"]
+    assert events[0]["after"] == {"message": "table flushed; restored"}
