@@ -15,12 +15,13 @@ PYTEST_ARGS ?=
 # Export the test database DSN (written by scripts/setup-postgres.sh) when it exists.
 load_pg_env = if [[ -f $(PG_ENV) ]]; then set -a; source $(PG_ENV); set +a; fi
 
-.PHONY: help system venv postgres lint test pytest test-fast galaxy-build demo demo-down openapi clean distclean
+.PHONY: help system venv postgres lint ansible-checks test pytest test-fast galaxy-build demo demo-down openapi clean distclean
 
 help:
 	@echo "make test          full CI run: system packages, .venv, PostgreSQL, lint, pytest, galaxy build"
 	@echo "make test-fast     pytest -m 'not slow' only, no setup"
 	@echo "make lint          ruff check + mypy"
+	@echo "make ansible-checks  ansible-lint (production) + ansible-test sanity of the collection"
 	@echo "make demo          start a local demo coordinator (make demo-down stops it)"
 	@echo "make galaxy-build  build the starling.mesh collection tarball into build/"
 	@echo "make openapi       regenerate docs/openapi.json"
@@ -49,10 +50,14 @@ lint:
 test: system venv postgres
 	@failed=(); \
 	$(MAKE) --no-print-directory lint || failed+=(lint); \
+	$(MAKE) --no-print-directory ansible-checks || failed+=(ansible-checks); \
 	$(MAKE) --no-print-directory pytest || failed+=(pytest); \
 	$(MAKE) --no-print-directory galaxy-build || failed+=(galaxy-build); \
 	if (( $${#failed[@]} )); then echo "make test: FAILED: $${failed[*]}" >&2; exit 1; fi; \
 	echo "make test: lint, pytest and galaxy-build passed"
+
+ansible-checks:
+	bash scripts/ansible-checks.sh
 
 # pytest with the PostgreSQL DSN exported; the exit code is pytest's own.
 pytest:
