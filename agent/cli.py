@@ -259,7 +259,12 @@ def _firewall_line(fw: dict[str, Any]) -> str:
         return f"enforcing {fw.get('rules', 0)} rules, {fw.get('elements', 0)} set elements"
     if state == "guard":
         return "guard only: all mesh traffic dropped until the first map applies"
-    return f"{state.upper()}: {fw.get('last_error') or 'unknown error'} (mesh traffic dropped, retrying)"
+    if state == "absent":
+        return "not installed yet"
+    kept = {"guard": "guard kept: mesh traffic dropped", "ruleset": "previous rules kept"}.get(
+        str(fw.get("installed")), "nothing installed: mesh traffic not filtered"
+    )
+    return f"{state.upper()}: {fw.get('message') or fw.get('last_error') or 'unknown error'} ({kept})"
 
 
 def format_status(status: dict[str, Any], *, detail: bool) -> str:

@@ -22,7 +22,7 @@ from agent import __version__, netlink
 from agent.client import CoordinatorError, PeerApi
 from agent.config import AgentConfig, AgentState, write_private
 from agent.control import ControlServer
-from agent.firewall import Firewall, FirewallError
+from agent.firewall import Firewall, FirewallError, FirewallMapError
 from agent.keys import KeySource, decode_key, public_key_of
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
@@ -85,6 +85,7 @@ class Agent:
             on_drift=self._on_drift,
         )
         self.firewall_pending = False
+        self._rejected_serial = -1
         self.map_ready = asyncio.Event()
         self._candidates: tuple[float, list[Candidate]] = (0.0, [])
 
@@ -262,6 +263,14 @@ class Agent:
                 await asyncio.to_thread(self.firewall.install_guard)
             await asyncio.to_thread(self.firewall.apply, section)
             self.firewall_pending = False
+        except FirewallMapError as exc:
+            # The map itself is invalid: rejected whole, the previous ruleset (or the guard) stays.
+            # Retrying the same map cannot help; the next map update tries again. Report once per serial.
+            self.firewall_pending = False
+            log.error("firewall rules of map %s rejected (previous rules stay): %s", self.map.serial, exc)
+            if self._rejected_serial != self.map.serial:
+                self._rejected_serial = self.map.serial
+                await self._event("firewall.error", f"map {self.map.serial} rejected: {exc}")
         except FirewallError as exc:
             # Fail closed: the previous ruleset (or the guard) stays; the watchdog retries.
             self.firewall_pending = True

@@ -97,7 +97,7 @@ class Firewall:
         self._last_error: str | None = None
         self._error_source = ""  # map | apply | guard | repair | remove
         self._last_apply_ms: float | None = None
-        self._last_full_check = 0.0
+        self._last_full_check = float("-inf")
         self._drift_repairs = 0
         self._last_drift: dict[str, Any] | None = None
 
@@ -181,6 +181,7 @@ class Firewall:
                 if after:
                     raise FirewallError("the rebuilt table still differs: " + "; ".join(after))
             except FirewallError as exc:
+                self._last_full_check = float("-inf")  # list again on the next call, whatever the monitor says
                 self._fail("repair", f"drift found ({'; '.join(found)}) but the repair failed: {exc}")
                 raise FirewallError(self._last_error or str(exc)) from exc
             if self._state == "error" and self._error_source == "repair":
@@ -235,7 +236,10 @@ class Firewall:
 
     # ----- internals -------------------------------------------------------------------------
     def _apply_model(self, model: CompiledRuleset) -> Plan:
-        plan = diff(self._applied, model)
+        if self._state == "error" and self._error_source == "repair":
+            plan = full_build(model)  # the kernel holds something unknown: no diff against it
+        else:
+            plan = diff(self._applied, model)
         if plan.empty:
             return plan
         try:

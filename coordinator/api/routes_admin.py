@@ -70,6 +70,18 @@ async def get_peer_map(coord: Coord, _: Reader, peer_id: str) -> Response:
     return Response(json.dumps(data), media_type="application/json")
 
 
+@router.get("/maps/consistency", tags=["peers"])
+def map_consistency(coord: Coord, _: Reader) -> dict[str, Any]:
+    """Check that both ends of every path received matching rules (an out rule on one side has its
+    in rule on the other, and every rule's peers are in the map). `violations` is empty when sound."""
+    from coordinator.engine.consistency import check_consistency
+
+    with coord.lock:
+        violations = check_consistency(coord.graph)
+        peers = len(coord.graph.peers)
+    return {"peers_checked": peers, "violations": [v.describe() for v in violations]}
+
+
 # ----- groups -----------------------------------------------------------------------------------
 @router.get("/groups", tags=["groups"])
 def list_groups(

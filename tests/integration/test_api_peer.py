@@ -216,7 +216,14 @@ def test_agent_events_land_in_the_audit_log(mesh: Mesh) -> None:
         assert r.status_code == 204, r.text
         assert dev.post("/api/v1/peer/events", json={"kind": "rm -rf", "message": "x"}).status_code == 422
     with mesh.coord.client() as api:
-        events = api.get("/api/v1/audit", params={"action": "peer.firewall.drift",
-                                                  "target_id": mesh.peers["dev"]["peer"]["id"]}).json()["items"]
+        events = api.get(
+            "/api/v1/audit", params={"action": "peer.firewall.drift", "target_id": mesh.peers["dev"]["peer"]["id"]}
+        ).json()["items"]
     assert events[0]["actor"] == "peer:" + mesh.peers["dev"]["peer"]["name"]
     assert events[0]["after"] == {"message": "table flushed; restored"}
+
+
+def test_both_ends_of_every_path_get_matching_rules(mesh: Mesh) -> None:
+    with mesh.coord.client() as api:
+        report = api.get("/api/v1/maps/consistency").json()
+    assert report["peers_checked"] >= 3 and report["violations"] == []
