@@ -117,8 +117,17 @@ class StreamHub:
             metrics.stream_clients.dec()
             if self.connected.get(peer_id) is sub:
                 del self.connected[peer_id]
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.c.peers.mark_connected, peer_id, False)
+                # Not awaited: a client that goes away ends this generator by cancellation, and an awaited
+                # to_thread would be cancelled before its job starts, leaving the peer marked connected.
+                asyncio.get_running_loop().run_in_executor(None, self._mark_disconnected, peer_id)
+
+    def _mark_disconnected(self, peer_id: str) -> None:
+        if peer_id in self.connected:  # a newer stream of the same peer took over meanwhile
+            return
+        try:
+            self.c.peers.mark_connected(peer_id, False)
+        except Exception:
+            log.exception("could not mark peer %s disconnected", peer_id)
 
     def _render(self, sub: Subscription, *, full: bool) -> str | None:
         c = self.c

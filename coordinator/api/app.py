@@ -70,7 +70,7 @@ class Observe:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") == "/api/v1/peer/stream":
+        if scope["type"] != "http" or scope.get("path") in ("/api/v1/peer/stream", "/dashboard/events"):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -207,6 +207,9 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
         log.exception("unhandled error", exc_info=exc)
         return error(500, "internal_error", "internal error (details are in the coordinator log)")
 
+    from coordinator.dashboard import install as install_dashboard
+
+    install_dashboard(app)
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
     return app
