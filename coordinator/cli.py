@@ -8,37 +8,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from coordinator import __version__
+from coordinator import __version__, configfile
 from coordinator.config import ConfigError, CoordinatorConfig, load_config
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data)
-
-
 def setup_logging(config: CoordinatorConfig) -> None:
-    handler = logging.StreamHandler()
-    if config.log.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log.level.upper())
+    configfile.setup_logging(config.log.level, config.log.format)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 

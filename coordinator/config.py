@@ -10,14 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from coordinator.configfile import ConfigError as ConfigError  # re-exported for callers
+from coordinator.configfile import load_yaml_config
 from coordinator.ipam import PrefixError, parse_mesh_prefix
-
-
-class ConfigError(Exception):
-    pass
 
 
 class _Strict(BaseModel):
@@ -91,27 +88,4 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 
 def load_config(path: Path | None, env: dict[str, str] | None = None) -> CoordinatorConfig:
     """Read the YAML file (optional), apply environment overrides, validate; ConfigError names the field."""
-    env = dict(os.environ) if env is None else env
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping at the top level")
-        data = loaded or {}
-    for var, keys in ENV_OVERRIDES.items():
-        if var in env:
-            node = data
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-            node[keys[-1]] = env[var]
-    try:
-        return CoordinatorConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid config at {where or '(top)'}: {first['msg']}") from exc
+    return load_yaml_config(CoordinatorConfig, path, dict(os.environ) if env is None else env, ENV_OVERRIDES)

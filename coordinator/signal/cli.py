@@ -6,30 +6,16 @@ Exit codes: 0 ok, 2 bad configuration (one clear line on stderr), 1 runtime fail
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from coordinator import configfile
 from coordinator.signal import __version__
 from coordinator.signal.config import ConfigError, SignalConfig, load_config
 
 EXIT_CONFIG = 2
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data)
 
 
 class _DenialNoise(logging.Filter):
@@ -42,14 +28,7 @@ class _DenialNoise(logging.Filter):
 
 
 def setup_logging(config: SignalConfig) -> None:
-    handler = logging.StreamHandler()
-    if config.log.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log.level.upper())
+    root = configfile.setup_logging(config.log.level, config.log.format)
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     for noisy in ("httpx", "httpcore", "websockets"):  # their debug output is not ours to show
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))

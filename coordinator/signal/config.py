@@ -10,14 +10,12 @@ import base64
 import binascii
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class ConfigError(Exception):
-    """The configuration cannot be read or is invalid; the message names the field."""
+from coordinator.configfile import ConfigError as ConfigError  # re-exported for callers
+from coordinator.configfile import load_yaml_config
 
 
 class _Strict(BaseModel):
@@ -102,30 +100,4 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 
 def load_config(path: Path | None, env: dict[str, str] | None = None) -> SignalConfig:
     """Read the YAML file (optional), apply environment overrides, validate; ConfigError names the field."""
-    env = dict(os.environ) if env is None else env
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping at the top level")
-        data = loaded or {}
-    for var, keys in ENV_OVERRIDES.items():
-        if var in env:
-            node = data
-            for key in keys[:-1]:
-                child = node.setdefault(key, {})
-                if not isinstance(child, dict):
-                    raise ConfigError(f"invalid config at {key}: must be a mapping (to apply {var})")
-                node = child
-            node[keys[-1]] = env[var]
-    try:
-        return SignalConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid config at {where or '(top)'}: {first['msg']}") from exc
+    return load_yaml_config(SignalConfig, path, dict(os.environ) if env is None else env, ENV_OVERRIDES)
