@@ -36,6 +36,7 @@ class AgentConfig:
     report_interval: float = 5.0
     keepalive: int = 25
     disable_firewall: bool = False  # the operator filters mesh traffic themselves
+    metrics_listen: str = ""  # e.g. "127.0.0.1:9586": Prometheus metrics on a local port; empty = off
     log_format: str = "text"
     log_level: str = "info"
 
@@ -56,6 +57,10 @@ class AgentConfig:
             raise AgentConfigError(f"backend: {self.backend!r} must be auto, kernel or userspace")
         if self.management_url and not self.management_url.startswith(("http://", "https://")):
             raise AgentConfigError(f"management_url: {self.management_url!r} must start with http:// or https://")
+        if self.metrics_listen:
+            _, _, port = self.metrics_listen.rpartition(":")
+            if not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise AgentConfigError(f"metrics_listen: {self.metrics_listen!r} must be host:port")
         if self.signal_url and not self.signal_url.startswith(("ws://", "wss://")):
             raise AgentConfigError(f"signal_url: {self.signal_url!r} must start with ws:// or wss://")
 

@@ -111,6 +111,10 @@ class Agent:
             await self._apply(cached, initial=True)
         control = ControlServer(self.config.control_socket, self)
         await control.start()
+        if self.config.metrics_listen:
+            from agent.metrics import serve_metrics
+
+            serve_metrics(self.config.metrics_listen, self.status)
         self._tasks = [
             asyncio.create_task(self._follow_map(), name="map"),
             asyncio.create_task(self._watchdog(), name="watchdog"),

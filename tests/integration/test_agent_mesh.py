@@ -34,9 +34,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 for g in ("alpha", "beta", "gamma"):
                     api.post("/api/v1/groups", json={"name": g})
                 for src, dst in (("alpha", "beta"), ("beta", "gamma")):
-                    r = api.post("/api/v1/policies", json={"name": f"{src}-{dst}", "bidirectional": True,
-                                                            "sources": {"groups": [src]},
-                                                            "destinations": {"groups": [dst]}})
+                    r = api.post(
+                        "/api/v1/policies",
+                        json={
+                            "name": f"{src}-{dst}",
+                            "bidirectional": True,
+                            "sources": {"groups": [src]},
+                            "destinations": {"groups": [dst]},
+                        },
+                    )
                     assert r.status_code == 201, r.text
             m = Mesh(lab, coord, signal, workdir)
             for name, group in (("a", "alpha"), ("b", "beta"), ("c", "gamma")):
@@ -64,6 +70,20 @@ def test_allowed_pairs_ping_and_denied_pairs_do_not(mesh: Mesh) -> None:
     assert status["management"]["connected"] and status["signal"]["connected"]
     peer = mesh.agents["a"].peer_status("b")
     assert peer["path"] == "direct" and peer["endpoint"].startswith(mesh.agents["b"].host.ip)
+    metrics = (
+        mesh.agents["a"]
+        .host.exec(
+            "python3",
+            "-c",
+            "import urllib.request,sys; print(urllib.request.urlopen(sys.argv[1]).read().decode())",
+            "http://127.0.0.1:9586/metrics",
+            check=False,
+        )
+        .stdout
+    )
+    assert 'starling_agent_peers{path="direct"} 1.0' in metrics
+    assert 'starling_agent_peer_path{path="direct",peer="b"} 1.0' in metrics
+    assert "starling_agent_management_connected 1.0" in metrics
     text = mesh.agents["a"].cli("status", "-d").stdout
     assert "b  " + mesh.agents["b"].mesh_ip in text and "path:           direct" in text
 
@@ -73,8 +93,10 @@ def test_unrelated_change_does_not_touch_existing_tunnel(mesh: Mesh) -> None:
     before = mesh.agents["a"].wg_dump()
     with mesh.api() as api:  # concerns gamma only
         api.post("/api/v1/groups", json={"name": "delta"})
-        r = api.post("/api/v1/policies", json={"name": "gamma-delta", "sources": {"groups": ["gamma"]},
-                                                "destinations": {"groups": ["delta"]}})
+        r = api.post(
+            "/api/v1/policies",
+            json={"name": "gamma-delta", "sources": {"groups": ["gamma"]}, "destinations": {"groups": ["delta"]}},
+        )
         assert r.status_code == 201
     time.sleep(1.5)
     after = mesh.agents["a"].wg_dump()
@@ -136,8 +158,22 @@ def test_bad_input_leaves_nothing_behind(mesh: Mesh, tmp_path: Path) -> None:
     iface = f"{mesh.lab.prefix}x"
 
     def up(*args: str) -> tuple[int, str]:
-        r = host.exec(*["python3" if False else __import__("sys").executable, "-m", "agent.cli", "--config",
-                        str(cfg), "up", "--foreground", "--interface", iface, *args], check=False, timeout=30)
+        r = host.exec(
+            *[
+                "python3" if False else __import__("sys").executable,
+                "-m",
+                "agent.cli",
+                "--config",
+                str(cfg),
+                "up",
+                "--foreground",
+                "--interface",
+                iface,
+                *args,
+            ],
+            check=False,
+            timeout=30,
+        )
         return r.returncode, r.stderr
 
     code, err = up("--management-url", mesh.coordinator.url, "--setup-key", "ssk_wrong-key-000")

@@ -1,0 +1,66 @@
+"""Prometheus metrics of the agent, collected from its status on each scrape and served on a local
+port (`metrics_listen`, e.g. 127.0.0.1:9586; empty = off). Peer labels are peer names."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PATHS = ("idle", "connecting", "direct", "relayed", "lost")
+FIREWALL_STATES = ("absent", "guard", "enforcing", "error", "disabled")
+
+
+class AgentCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        st = self.status()
+        now = time.time()
+        peers = st.get("peers", [])
+        by_path = GaugeMetricFamily("starling_agent_peers", "Remote peers by path type", labels=["path"])
+        for kind in PATHS:
+            by_path.add_metric([kind], sum(1 for p in peers if p["path"] == kind))
+        yield by_path
+        path = GaugeMetricFamily(
+            "starling_agent_peer_path", "1 for the current path of each peer", labels=["peer", "path"]
+        )
+        age = GaugeMetricFamily(
+            "starling_agent_handshake_age_seconds", "Seconds since the last WireGuard handshake", labels=["peer"]
+        )
+        rx = CounterMetricFamily("starling_agent_peer_received_bytes", "Bytes received from a peer", labels=["peer"])
+        tx = CounterMetricFamily("starling_agent_peer_sent_bytes", "Bytes sent to a peer", labels=["peer"])
+        changes = CounterMetricFamily("starling_agent_path_changes", "Path state changes per peer", labels=["peer"])
+        for p in peers:
+            path.add_metric([p["name"], p["path"]], 1)
+            if p.get("last_handshake"):
+                age.add_metric([p["name"]], max(0.0, now - float(p["last_handshake"])))
+            rx.add_metric([p["name"]], p["rx_bytes"])
+            tx.add_metric([p["name"]], p["tx_bytes"])
+            changes.add_metric([p["name"]], p["path_changes"])
+        yield from (path, age, rx, tx, changes)
+        for service in ("management", "signal"):
+            gauge = GaugeMetricFamily(f"starling_agent_{service}_connected", f"1 when the {service} connection is up")
+            gauge.add_metric([], 1 if st.get(service, {}).get("connected") else 0)
+            yield gauge
+        fw = GaugeMetricFamily("starling_agent_firewall_state", "1 for the firewall's current state", labels=["state"])
+        state = st.get("firewall", {}).get("state", "absent")
+        for s in FIREWALL_STATES:
+            fw.add_metric([s], 1 if s == state else 0)
+        yield fw
+        serial = GaugeMetricFamily("starling_agent_map_serial", "Serial of the network map in use")
+        serial.add_metric([], st.get("map_serial", -1))
+        yield serial
+
+
+def serve_metrics(listen: str, status: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(status))
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    return registry
