@@ -82,12 +82,32 @@ def load(args: argparse.Namespace) -> AgentConfig:
     return config
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (log_format: json) for log shippers; never carries secrets."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
 def setup_logging(config: AgentConfig) -> None:
+    if config.log_format not in ("text", "json"):
+        raise AgentConfigError(f"log_format: {config.log_format!r} must be text or json")
     logging.basicConfig(
         level=logging.INFO if config.log_level == "debug" else config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if config.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     for name in ("starling", "agent"):
         logging.getLogger(name).setLevel(config.log_level.upper())

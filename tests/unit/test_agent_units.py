@@ -157,3 +157,13 @@ def test_kernel_backend_speaks_pyroute2_wireguard_api() -> None:
         ("wt0", {"peer": {"public_key": KEY, "remove": True}}),
         ("wt0", {"private_key": KEY}),
     ]
+
+
+def test_json_log_lines(tmp_path: Path) -> None:
+    import logging
+
+    from agent.cli import JsonLogFormatter
+
+    record = logging.LogRecord("starling.agent", logging.INFO, __file__, 1, "peer %s up", ("b",), None)
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["message"] == "peer b up" and line["level"] == "info" and line["logger"] == "starling.agent"
