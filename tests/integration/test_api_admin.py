@@ -266,7 +266,7 @@ def test_audit_records_every_change_with_filters(coordinator: CoordinatorProcess
 def test_settings_validation(coordinator: CoordinatorProcess) -> None:
     with coordinator.client() as api:
         current = api.get("/api/v1/settings").json()
-        assert_error(api.patch("/api/v1/settings", json={"mesh_prefix": "10.0.0.0/8"}), 422, field="mesh_prefix")
+        assert_error(api.patch("/api/v1/settings", json={"mesh_prefix": "198.18.0.0/16"}), 422, field="mesh_prefix")
         assert_error(api.patch("/api/v1/settings", json={"turn_servers": ["http://x"]}), 422, field="turn_servers[0]")
         assert_error(api.patch("/api/v1/settings", json={"credential_ttl": 5}), 422, field="credential_ttl")
         if api.get("/api/v1/peers").json()["items"]:

@@ -271,7 +271,7 @@ def test_malformed_map_is_rejected_and_the_ruleset_stays(lab: Lab, fws: dict[str
 def create_foreign_tables(lab: Lab) -> list[tuple[str, str]]:
     script = """
 table inet docker_like {
-    set published { type ipv4_addr; elements = { 172.17.0.2 } }
+    set published { type ipv4_addr; elements = { 198.18.250.2 } }
     chain forward { type filter hook forward priority filter; policy accept;
         ct state established,related accept
         iifname "docker0" oifname != "docker0" accept

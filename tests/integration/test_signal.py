@@ -321,7 +321,7 @@ def ws_payloads(stream: bytes) -> list[bytes]:
 async def test_offer_answer_and_candidates_end_to_end(signal: SignalProcess, enroll: Callable[[], Peer]) -> None:
     alice, bob = enroll(), enroll()
     async with agents(signal.ws_url, alice, bob) as (a, b):
-        offer = {"ufrag": "a1", "pwd": "p" * 22, "candidates": [{"addr": "192.0.2.1:51820", "type": "host"}]}
+        offer = {"ufrag": "a1", "pwd": "p" * 22, "candidates": [{"addr": "198.18.250.1:51820", "type": "host"}]}
         assert await a.client.send(bob.public, "offer", offer)
         assert await b.recv() == (alice.public, "offer", offer)
         assert await b.client.send(alice.public, "answer", {"ufrag": "b1", "pwd": "q" * 22})
@@ -341,7 +341,7 @@ async def test_signal_sees_only_ciphertext(signal: SignalProcess, enroll: Callab
     at debug level carries the box intact, but never the plaintext."""
     alice, bob = enroll(), enroll()
     async with Tap(signal.port) as tap, agents(f"ws://127.0.0.1:{tap.port}/ws", alice, bob) as (a, b):
-        secret = {"marker": MARKER, "candidates": [{"addr": "203.0.113.77:51820", "type": "host"}]}
+        secret = {"marker": MARKER, "candidates": [{"addr": "198.19.250.77:51820", "type": "host"}]}
         assert await a.client.send(bob.public, "offer", secret, msg_id="tap-1")
         assert await b.recv() == (alice.public, "offer", secret)
     frames = [json.loads(p) for s in tap.streams for d in s.values() for p in ws_payloads(bytes(d)) if p[:1] == b"{"]
@@ -351,11 +351,11 @@ async def test_signal_sees_only_ciphertext(signal: SignalProcess, enroll: Callab
     assert forwarded[0]["box"] == sent[0]["box"] and forwarded[0]["from"] == alice.public
     wire = b"".join(p for s in tap.streams for d in s.values() for p in ws_payloads(bytes(d)))
     assert sent[0]["box"].encode() in wire  # the tap did see the payload...
-    for needle in (MARKER, "203.0.113.77", '"kind"', '"offer"'):
+    for needle in (MARKER, "198.19.250.77", '"kind"', '"offer"'):
         assert needle.encode() not in wire, needle  # ...but not what is inside it
         assert all(needle.encode() not in bytes(d) for s in tap.streams for d in s.values())
     await wait_until(lambda: sent[0]["box"] in signal.log(), 5, lambda: "frame not in the debug log")
-    assert MARKER not in signal.log() and "203.0.113.77" not in signal.log()
+    assert MARKER not in signal.log() and "198.19.250.77" not in signal.log()
 
 
 async def test_offline_target_gets_a_notice(signal: SignalProcess, enroll: Callable[[], Peer]) -> None:

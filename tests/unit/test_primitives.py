@@ -45,7 +45,7 @@ def test_ip_allocation_never_hands_out_a_used_address() -> None:
     assert alloc.allocate(used) == "100.64.0.3"
 
 
-@pytest.mark.parametrize("prefix", ["10.0.0.0/8", "100.128.0.0/16", "100.64.0.1/16", "nonsense", "100.64.0.0/31"])
+@pytest.mark.parametrize("prefix", ["198.19.0.0/16", "100.128.0.0/16", "100.64.0.1/16", "nonsense", "100.64.0.0/31"])
 def test_bad_mesh_prefixes_are_refused(prefix: str) -> None:
     with pytest.raises(PrefixError):
         parse_mesh_prefix(prefix)
