@@ -1,6 +1,6 @@
 """Benchmark: the dashboard's page render time with 1,000 peers, and what open dashboards cost the map streams.
 
-Starts a real coordinator with the dashboard installed (`tests.browser.serve_with_dashboard`, SQLite,
+Starts a real coordinator with the dashboard installed (`starling-coordinator serve`, SQLite,
 loopback), enrolls N peers over the API (groups `fleet` and `hub`, policy fleet -> hub, as in
 bench/fanout.py) and has every peer report 5 connections (POST /api/v1/peer/state).
 

@@ -71,6 +71,7 @@ class CoordinatorConfig(_Strict):
     stream_heartbeat: float = Field(15.0, gt=0)
     maintenance_interval: float = Field(5.0, gt=0)
     signal_token_ttl: int = Field(600, ge=30, le=86400)
+    dashboard_poll_interval: float = Field(1.0, gt=0, le=60)
 
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{(self.state_dir / 'coordinator.db').resolve()}"

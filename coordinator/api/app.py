@@ -209,7 +209,7 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
 
     from coordinator.dashboard import install as install_dashboard
 
-    install_dashboard(app)
+    install_dashboard(app, poll_interval=config.dashboard_poll_interval)
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
     return app
