@@ -62,8 +62,8 @@ def policy_id(mesh: Mesh, name: str) -> str:
 
 
 def test_allowed_pairs_ping_and_denied_pairs_do_not(mesh: Mesh) -> None:
-    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b over the mesh")
-    wait_for(lambda: mesh.can_ping("b", "c"), 15, what="b -> c over the mesh")
+    mesh.wait_ping("a", "b", 15, what="a -> b over the mesh")
+    mesh.wait_ping("b", "c", 15, what="b -> c over the mesh")
     assert mesh.can_ping("c", "b") and mesh.can_ping("b", "a")
     assert not mesh.can_ping("a", "c", wait=0.5)
     status = mesh.agents["a"].status()
@@ -89,7 +89,7 @@ def test_allowed_pairs_ping_and_denied_pairs_do_not(mesh: Mesh) -> None:
 
 
 def test_unrelated_change_does_not_touch_existing_tunnel(mesh: Mesh) -> None:
-    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b")
+    mesh.wait_ping("a", "b", 15, what="a -> b")
     before = mesh.agents["a"].wg_dump()
     with mesh.api() as api:  # concerns gamma only
         api.post("/api/v1/groups", json={"name": "delta"})
@@ -106,7 +106,7 @@ def test_unrelated_change_does_not_touch_existing_tunnel(mesh: Mesh) -> None:
 
 
 def test_removing_a_policy_cuts_the_pair_within_a_second(mesh: Mesh) -> None:
-    wait_for(lambda: mesh.can_ping("b", "c"), 15, what="b -> c")
+    mesh.wait_ping("b", "c", 15, what="b -> c")
     c_key = mesh.agents["b"].peer_status("c")["public_key"]
     pid = policy_id(mesh, "beta-gamma")
     with mesh.api() as api:
@@ -117,18 +117,18 @@ def test_removing_a_policy_cuts_the_pair_within_a_second(mesh: Mesh) -> None:
     assert not mesh.can_ping("b", "c", wait=0.5)
     with mesh.api() as api:
         api.patch(f"/api/v1/policies/{pid}", json={"enabled": True})
-    wait_for(lambda: mesh.can_ping("b", "c"), 15, what="b -> c again")
+    mesh.wait_ping("b", "c", 15, what="b -> c again")
 
 
 def test_a_new_peer_becomes_reachable(mesh: Mesh) -> None:
     mesh.start_agent("d", ["alpha"])
-    wait_for(lambda: mesh.can_ping("d", "b"), 15, what="d -> b")
+    mesh.wait_ping("d", "b", 15, what="d -> b")
     assert mesh.can_ping("b", "d")
     assert not mesh.can_ping("d", "c", wait=0.5)
 
 
 def test_traffic_survives_coordinator_and_signal_outage_and_updates_resume(mesh: Mesh) -> None:
-    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b")
+    mesh.wait_ping("a", "b", 15, what="a -> b")
     mesh.coordinator.stop()
     mesh.signal.stop()
     try:
@@ -148,7 +148,7 @@ def test_traffic_survives_coordinator_and_signal_outage_and_updates_resume(mesh:
     wait_for(lambda: not mesh.agents["a"].peer_status("b"), 5, what="update after restart reaches a")
     with mesh.api() as api:
         api.patch(f"/api/v1/policies/{pid}", json={"enabled": True})
-    wait_for(lambda: mesh.can_ping("a", "b"), 15, what="a -> b restored")
+    mesh.wait_ping("a", "b", 15, what="a -> b restored")
 
 
 def test_bad_input_leaves_nothing_behind(mesh: Mesh, tmp_path: Path) -> None:
