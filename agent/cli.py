@@ -68,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("-d", "--detail", action="store_true", help="per-peer detail")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--state-dir", type=Path)
+    explain = sub.add_parser("explain", help="why a peer is on its current path (direct or relayed)")
+    explain.add_argument("peer", help="peer name, id or public key")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.add_argument("--state-dir", type=Path)
     return p
 
 
@@ -264,6 +268,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = load(args)
+    try:
+        reply = call(config.control_socket, {"cmd": "explain", "peer": args.peer})
+    except ControlError as exc:
+        raise CliError(str(exc), EXIT_NOT_RUNNING) from exc
+    if not reply.get("ok"):
+        raise CliError(str(reply.get("error", "explain failed")), EXIT_USAGE)
+    data: dict[str, Any] = reply["explain"]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(format_explain(data))
+    return 0
+
+
+def format_explain(data: dict[str, Any]) -> str:
+    peer, refl = data["peer"], data["reflexive"]
+    ours = ", ".join(f"{c['kind']} {c['address']}" for c in data["our_candidates"]) or "none"
+    theirs = ", ".join(f"{c['kind']} {c['address']}" for c in peer["candidates"]) or "none received"
+    lines = [
+        f"{peer['name']} is {peer['path'].upper()} since {_ago(peer['since'])} ({peer['path_changes']} path changes)",
+        f"  WireGuard endpoint: {peer['endpoint'] or '-'}" + (" (local relay proxy)" if peer["proxied"] else ""),
+        f"  our public mapping: {refl['address'] or 'unknown'}"
+        + (f" via STUN {refl['server']}" if refl["server"] else "")
+        + (f" (error: {refl['error']})" if refl["error"] else ""),
+        f"  our candidates:     {ours}",
+        f"  their candidates:   {theirs}",
+        f"  ICE role:           {'controlling' if data['controlling'] else 'controlled'}",
+    ]
+    if peer["proxied"]:
+        lines.append(f"  selected pair:      {peer['local_candidate']} -> {peer['remote_candidate']}")
+        lines.append(f"  relay server:       {peer['relay_server'] or '- (direct pair through the proxy)'}")
+    if peer.get("last_error"):
+        lines.append(f"  last error:         {peer['last_error']}")
+    lines.append("  history:" if data["history"] else "  history: no fallback needed (direct candidates worked)")
+    lines += [f"    {h}" for h in data["history"]]
+    return "\n".join(lines)
+
+
 def _ago(ts: float | None) -> str:
     if not ts:
         return "never"
@@ -287,6 +331,16 @@ def _firewall_line(fw: dict[str, Any]) -> str:
     return f"{state.upper()}: {fw.get('message') or fw.get('last_error') or 'unknown error'} ({kept})"
 
 
+def _nat_line(nat: dict[str, Any]) -> str:
+    refl = nat.get("reflexive") or {}
+    if refl.get("address"):
+        how = "" if refl.get("mapped_to_wireguard_port") else " (port guessed: no nftables SNAT)"
+        return f"public mapping {refl['address']} (STUN {refl.get('server')}){how}"
+    if not nat.get("stun_servers"):
+        return "no STUN/TURN server in the network map (direct host candidates only)"
+    return f"public mapping unknown: {refl.get('error') or 'not probed yet'}"
+
+
 def format_status(status: dict[str, Any], *, detail: bool) -> str:
     mgmt, sig = status["management"], status["signal"]
     peers = status["peers"]
@@ -299,6 +353,7 @@ def format_status(status: dict[str, Any], *, detail: bool) -> str:
         + (f" ({sig['last_error']})" if sig["last_error"] and not sig["connected"] else ""),
         f"Peers:       {connected}/{len(peers)} connected (map serial {status['map_serial']})",
         "Firewall:    " + _firewall_line(status.get("firewall", {})),
+        "NAT:         " + _nat_line(status.get("nat", {})),
     ]
     if detail:
         for p in peers:
@@ -307,8 +362,18 @@ def format_status(status: dict[str, Any], *, detail: bool) -> str:
                 f"  {p['name']}  {p['mesh_ip']}",
                 f"    public key:     {p['public_key']}",
                 f"    path:           {p['path']} (since {_ago(p['since'])}, {p['path_changes']} changes)",
-                f"    endpoint:       {p['endpoint'] or '-'}",
+                f"    endpoint:       {p['endpoint'] or '-'}" + (" (relay proxy)" if p.get("proxied") else ""),
+                "    candidates:     "
+                + (", ".join(f"{c['kind']} {c['address']}" for c in p.get("candidates", [])) or "-"),
                 f"    last handshake: {_ago(p['last_handshake'])}",
+                *(
+                    [
+                        f"    ICE pair:       {p['local_candidate']} -> {p['remote_candidate']}",
+                        f"    relay server:   {p['relay_server'] or '-'}",
+                    ]
+                    if p.get("proxied")
+                    else []
+                ),
                 f"    transfer:       {p['rx_bytes']} B received, {p['tx_bytes']} B sent",
                 f"    latency:        {p['latency_ms']:.1f} ms"
                 if p["latency_ms"] is not None
@@ -326,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_daemon(load(args))
         if args.command == "down":
             return cmd_down(args)
+        if args.command == "explain":
+            return cmd_explain(args)
         return cmd_status(args)
     except CliError as exc:
         print(f"starling: {exc}", file=sys.stderr)

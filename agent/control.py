@@ -23,6 +23,8 @@ class Controlled(Protocol):
 
     def request_stop(self, remove: bool = False) -> None: ...
 
+    def explain(self, name: str) -> dict[str, Any] | None: ...
+
 
 class ControlServer:
     def __init__(self, path: Path, target: Controlled) -> None:
@@ -66,6 +68,14 @@ class ControlServer:
         cmd = request.get("cmd")
         if cmd == "status":
             return {"ok": True, "status": self.target.status()}
+        if cmd == "explain":
+            peer = request.get("peer")
+            if not isinstance(peer, str) or not peer:
+                return {"ok": False, "error": "explain needs a peer name, id or public key"}
+            explained = self.target.explain(peer)
+            if explained is None:
+                return {"ok": False, "error": f"no peer {peer[:64]!r} in this agent's network map"}
+            return {"ok": True, "explain": explained}
         if cmd == "down":
             self.target.request_stop(remove=bool(request.get("remove", True)))
             return {"ok": True}

@@ -24,6 +24,10 @@ from agent.config import AgentConfig, AgentState, write_private
 from agent.control import ControlServer
 from agent.firewall import Firewall, FirewallError, FirewallMapError
 from agent.keys import KeySource, decode_key, public_key_of
+from agent.nat.fallback import KINDS as NAT_KINDS
+from agent.nat.fallback import Fallback
+from agent.nat.reflexive import ReflexiveProbe
+from agent.nat.stun import parse_server
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
 from agent.wg import PeerConfig, WireGuardBackend, WireGuardError
@@ -32,6 +36,8 @@ log = logging.getLogger("starling.agent")
 MESH = ipaddress.IPv4Network("100.64.0.0/10")
 VIRTUAL_PREFIXES = ("docker", "br-", "virbr", "cni", "flannel", "cali", "kube", "podman", "veth", "tailscale", "wt")
 RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
+FOLLOW_DELAY = 0.3  # s the controlled side of a pair waits before initiating (see _use_candidates)
+NAT_REFRESH = 25.0  # seconds between STUN refreshes of the WireGuard port's public mapping
 
 
 def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Any:
@@ -88,6 +94,11 @@ class Agent:
         self._rejected_serial = -1
         self.map_ready = asyncio.Event()
         self._candidates: tuple[float, list[Candidate]] = (0.0, [])
+        self._offered_hosts: list[str] | None = None
+        self.reflexive = ReflexiveProbe(config.port)
+        self.nat_wakeup = asyncio.Event()
+        self.fallback = Fallback(self)
+        self._followers: set[asyncio.Task[None]] = set()
 
     @property
     def map_cache(self) -> Path:
@@ -106,6 +117,7 @@ class Agent:
             self.firewall_pending = True
         await asyncio.to_thread(self.backend.up, self.private_key, self.config.port)
         self.port = await asyncio.to_thread(self.backend.listen_port) or self.config.port
+        self.reflexive.wg_port = self.port
         cached = self._load_cached_map()
         if cached is not None:
             await self._apply(cached, initial=True)
@@ -120,6 +132,7 @@ class Agent:
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._reporter(), name="reporter"),
             asyncio.create_task(self._signal(), name="signal"),
+            asyncio.create_task(self._nat(), name="nat"),
         ]
         log.info(
             "agent up: %s %s on %s (%s backend)",
@@ -141,6 +154,8 @@ class Agent:
                 with contextlib.suppress(Exception):
                     await self.signal.close()
             await self.api.close()
+            await self.fallback.close()
+            await asyncio.to_thread(self.reflexive.remove)
             if self.remove_on_exit:
                 with contextlib.suppress(FirewallError):
                     await asyncio.to_thread(self.firewall.remove)
@@ -217,12 +232,15 @@ class Agent:
         if change.firewall or self.firewall_pending:
             await self._apply_firewall()
         await self._reconcile(change, full=change.full)
+        if self.reflexive.address is None and self.stun_servers():
+            self.nat_wakeup.set()
         self.map_ready.set()
         if not initial:
             await asyncio.to_thread(self._save_map, msg)
 
     async def _reconcile(self, change: MapChange, *, full: bool) -> None:
         for pid, entry in change.removed.items():
+            await self.fallback.forget(pid)
             conn = self.conns.pop(pid, None)
             self.by_key.pop(entry["public_key"], None)
             await self._wg(self.backend.remove_peer, entry["public_key"])
@@ -231,6 +249,7 @@ class Agent:
         for pid, (old, new) in change.changed.items():
             if old["public_key"] != new["public_key"]:
                 await self._wg(self.backend.remove_peer, old["public_key"])
+                await self.fallback.forget(pid)
                 self.by_key.pop(old["public_key"], None)
                 self.conns.pop(pid, None)
                 change.added[pid] = new
@@ -322,8 +341,84 @@ class Agent:
         cands = [
             Candidate(f"{ip}:{self.port}", "host") for name, ip, _ in addrs if not name.startswith(VIRTUAL_PREFIXES)
         ]
+        srflx = self.reflexive.address
+        if srflx and srflx not in {c.address for c in cands}:
+            cands.append(Candidate(srflx, "srflx"))
         self._candidates = (time.monotonic(), cands)
         return cands
+
+    def stun_servers(self) -> list[tuple[str, int]]:
+        """STUN servers: every UDP STUN/TURN URL of the map's relays (coturn answers STUN too)."""
+        servers: list[tuple[str, int]] = []
+        for relay in self.map.relays:
+            for url in relay.get("urls", []) if isinstance(relay, dict) else []:
+                if not isinstance(url, str) or "transport=tcp" in url or not url.startswith(("stun:", "turn:")):
+                    continue
+                with contextlib.suppress(ValueError):
+                    server = parse_server(url)
+                    if server not in servers:
+                        servers.append(server)
+        return servers
+
+    async def _nat(self) -> None:
+        """Keep the WireGuard port's public mapping known; re-offer to every peer when it changes."""
+        while True:
+            servers = self.stun_servers()
+            if servers:
+                before = self.reflexive.address
+                await self.reflexive.learn(servers)
+                if self.reflexive.address != before:
+                    self._candidates = (0.0, [])
+                    await self._reoffer_all("public address changed")
+            self.nat_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(NAT_REFRESH):
+                    await self.nat_wakeup.wait()
+
+    def ice_address_ok(self, address: str) -> bool:
+        """ICE host candidates: exactly the addresses we offer as host candidates (no mesh, no virtual).
+        Runs inside aioice on the event loop: uses the cache that `fresh_candidates()` filled."""
+        return address in {c.ip for c in self._candidates[1] if c.kind == "host"}
+
+    async def fresh_candidates(self) -> list[Candidate]:
+        return await asyncio.to_thread(self.host_candidates)
+
+    async def refresh_reflexive(self) -> None:
+        servers = self.stun_servers()
+        if servers:
+            await self.reflexive.learn(servers)
+            self._candidates = (0.0, [])
+
+    async def send_offer(self, conn: PeerConnection) -> None:
+        await self._offer(conn, "offer")
+
+    async def point_wireguard(self, conn: PeerConnection, endpoint: str, *, fresh: bool) -> None:
+        """Point the peer's WireGuard endpoint somewhere; `fresh` re-creates the peer so the handshake
+        starts now (WireGuard sends at most one initiation per 5 s to a peer)."""
+        entry = self.map.peers.get(conn.peer_id)
+        if entry is None:
+            return
+        conn.endpoint, conn.endpoint_set_at = endpoint, time.monotonic()
+        if fresh:
+            await self._wg(self.backend.remove_peer, conn.public_key)
+        await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+
+    async def nudge(self, conn: PeerConnection) -> None:
+        """Make WireGuard send one keepalive to the peer now (it sends one when keepalive goes 0 -> n)."""
+        entry = self.map.peers.get(conn.peer_id)
+        if entry is None or not conn.endpoint:
+            return
+        quiet = PeerConfig(entry["public_key"], tuple(entry["allowed_ips"]), conn.endpoint, 0)
+        await self._wg(self.backend.set_peer, quiet)
+        await self._wg(self.backend.set_peer, self._peer_config(entry, conn.endpoint))
+
+    async def _reoffer_all(self, why: str) -> None:
+        """Our candidates changed (roaming, new public mapping): tell every peer at once."""
+        if self.conns:
+            log.info("%s: offering new candidates to %d peers", why, len(self.conns))
+        for conn in list(self.conns.values()):
+            conn.next_offer_at, conn.offer_backoff = 0.0, 1.0
+            await self._offer(conn, "offer")
 
     def local_nets(self) -> list[ipaddress.IPv4Network]:
         nets = []
@@ -350,16 +445,37 @@ class Agent:
                 del self.pending[key]
             return
         conn = self.conns[pid]
+        if kind in NAT_KINDS:
+            await self.fallback.on_message(conn, kind, body)
+            return
         if kind == "offer":
             await self._offer(conn, "answer")
         await self._use_candidates(conn, candidates)
 
     async def _use_candidates(self, conn: PeerConnection, candidates: list[Candidate]) -> None:
         endpoint = conn.remote_candidates(candidates, await asyncio.to_thread(self.local_nets))
-        if endpoint is not None:
-            entry = self.map.peers.get(conn.peer_id)
-            if entry is not None:
-                await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+        entry = self.map.peers.get(conn.peer_id)
+        if endpoint is None or entry is None:
+            return
+        if self.fallback.controlling(conn) or conn.state in (PathState.DIRECT, PathState.RELAYED):
+            await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+            return
+        # The controlled side follows FOLLOW_DELAY later. Two handshake initiations that cross each
+        # other leave both WireGuard ends waiting (each drops the response to its own initiation),
+        # which cost up to ~15 s of silence after a policy flap before WireGuard's own retry.
+        task = asyncio.create_task(self._follow(conn, endpoint))
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _follow(self, conn: PeerConnection, endpoint: str) -> None:
+        await asyncio.sleep(FOLLOW_DELAY)
+        if self.conns.get(conn.peer_id) is not conn or conn.endpoint != endpoint or conn.proxied:
+            return
+        stats = (await asyncio.to_thread(self._wg_peers_safe)).get(conn.public_key)
+        answered = stats is not None and stats.last_handshake > max(conn.stale_before, time.time() - 10)
+        # Not answered yet (e.g. our NAT dropped the initiation): initiate now, on a fresh peer so
+        # that WireGuard's 5 s initiation rate limit does not delay it.
+        await self.point_wireguard(conn, endpoint, fresh=not answered)
 
     async def _signal(self) -> None:
         """Connect to signal (URL from the map, or the config) and keep connected."""
@@ -412,6 +528,12 @@ class Agent:
             await asyncio.sleep(0.5)
             stats = await asyncio.to_thread(self._wg_peers_safe)
             now, mono = time.time(), time.monotonic()
+            hosts = sorted(c.address for c in await asyncio.to_thread(self.host_candidates) if c.kind == "host")
+            if self._offered_hosts is not None and hosts != self._offered_hosts:
+                self.nat_wakeup.set()  # new underlay address: learn the new public mapping too
+                self._offered_hosts = hosts
+                await self._reoffer_all("underlay addresses changed")
+            self._offered_hosts = hosts
             if self.firewall_pending and self.map.loaded:
                 await self._apply_firewall()
             elif self.firewall.mode == "enforce":
@@ -424,10 +546,14 @@ class Agent:
                 st = stats.get(conn.public_key)
                 if st is None:
                     continue
+                was = conn.state
                 endpoint = conn.observe(st.last_handshake, st.rx_bytes, st.tx_bytes, st.endpoint, now)
                 entry = self.map.peers.get(conn.peer_id)
                 if endpoint is not None and entry is not None:
                     await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+                if conn.proxied and conn.state == PathState.LOST and was != PathState.LOST:
+                    await self.fallback.path_lost(conn)
+                await self.fallback.tick(conn, mono)
                 if conn.offer_due(mono) and not await self._offer(conn, "offer"):
                     conn.next_offer_at = mono + 0.5
                     conn.offer_backoff = max(1.0, conn.offer_backoff / 2)
@@ -472,8 +598,25 @@ class Agent:
             "signal": self.signal_status.as_dict(),
             "map_serial": self.map.serial,
             "firewall": self.firewall.status(),
+            "nat": {"reflexive": self.reflexive.status(), "stun_servers": [f"{h}:{p}" for h, p in self.stun_servers()]},
             "uptime": time.time() - self.started,
-            "peers": sorted((c.status() for c in self.conns.values()), key=lambda p: p["name"]),
+            "peers": sorted((self._peer_status(c) for c in self.conns.values()), key=lambda p: p["name"]),
+        }
+
+    def _peer_status(self, conn: PeerConnection) -> dict[str, Any]:
+        return {**conn.status(), "proxy": self.fallback.proxy_status(conn.peer_id)}
+
+    def explain(self, name: str) -> dict[str, Any] | None:
+        """Why a peer is on its path: NAT facts, candidates, the attempts and their results."""
+        conn = next((c for c in self.conns.values() if name in (c.name, c.peer_id, c.public_key)), None)
+        if conn is None:
+            return None
+        return {
+            "peer": self._peer_status(conn),
+            "our_candidates": [c.to_wire() for c in self.host_candidates()],
+            "reflexive": self.reflexive.status(),
+            "controlling": self.fallback.controlling(conn),
+            "history": self.fallback.explain(conn.peer_id),
         }
 
 

@@ -64,12 +64,18 @@ def parse_candidates(raw: Any) -> list[Candidate]:
 
 
 def rank(candidates: list[Candidate], local_nets: list[ipaddress.IPv4Network]) -> list[Candidate]:
-    """Same-subnet host candidates first, then other host candidates, then the rest."""
+    """Same-subnet host candidates first, then server-reflexive, then other host, then relay.
 
-    def score(c: Candidate) -> tuple[int, int]:
+    A remote host address outside our subnets is usually a private LAN behind its NAT: its public
+    mapping (srflx) is the better bet; a peer with a public address sends it as a host candidate.
+    """
+    order = {"srflx": 1, "host": 2, "relay": 3}
+
+    def score(c: Candidate) -> int:
         ip = ipaddress.IPv4Address(c.ip)
-        same = any(ip in net for net in local_nets)
-        return (0 if c.kind == "host" and same else 1 if c.kind == "host" else 2, 0)
+        if c.kind == "host" and any(ip in net for net in local_nets):
+            return 0
+        return order.get(c.kind, 3)
 
     return sorted(candidates, key=score)
 
@@ -94,6 +100,14 @@ class PeerConnection:
     next_offer_at: float = 0.0
     offer_backoff: float = 1.0
     last_error: str | None = None
+    stale_before: float = 0.0  # handshakes at or before this time belong to a path that was lost
+    first_endpoint_at: float = 0.0  # monotonic time of the first direct attempt of this round
+    wg_endpoint: str | None = None  # where WireGuard last heard from the peer
+    proxied: bool = False  # WireGuard talks to a local proxy over an ICE pair (agent.nat.fallback)
+    relayed: bool = False  # ... and that pair goes through a TURN relay
+    relay_server: str | None = None
+    local_candidate: str | None = None
+    remote_candidate: str | None = None
 
     def set_state(self, state: PathState) -> bool:
         if state == self.state:
@@ -112,14 +126,22 @@ class PeerConnection:
             return None
         self.candidates = ranked
         self.candidate_index = 0
+        if self.proxied:
+            return None  # the fallback owns the path; it uses these when it re-probes direct
         if self.state in (PathState.DIRECT, PathState.RELAYED) and self.endpoint in {c.address for c in ranked}:
             return None  # working path is still offered: do not disturb it
         return self._use(0)
+
+    def best_direct(self) -> str | None:
+        direct = [c.address for c in self.candidates if c.kind in ("host", "srflx")]
+        return direct[0] if direct else None
 
     def _use(self, index: int) -> str:
         self.candidate_index = index
         self.endpoint = self.candidates[index].address
         self.endpoint_set_at = time.monotonic()
+        if not self.first_endpoint_at or self.state == PathState.LOST:
+            self.first_endpoint_at = self.endpoint_set_at
         if self.state not in (PathState.DIRECT, PathState.RELAYED):
             self.set_state(PathState.CONNECTING)
         return self.endpoint
@@ -127,16 +149,20 @@ class PeerConnection:
     def observe(self, last_handshake: float, rx: int, tx: int, endpoint: str | None, now: float) -> str | None:
         """Update from WireGuard stats; returns a new endpoint to try, or None."""
         self.last_handshake, self.rx_bytes, self.tx_bytes = last_handshake, rx, tx
-        fresh = last_handshake > 0 and now - last_handshake < HANDSHAKE_FRESH
+        self.wg_endpoint = endpoint
+        fresh = last_handshake > self.stale_before and now - last_handshake < HANDSHAKE_FRESH
         if fresh:
             if endpoint:
                 self.endpoint = endpoint  # WireGuard roams to where the peer really is
-            if self.set_state(PathState.DIRECT):
+            if self.set_state(PathState.RELAYED if self.proxied and self.relayed else PathState.DIRECT):
                 self.offer_backoff = 1.0
             return None
         if self.state in (PathState.DIRECT, PathState.RELAYED):
             self.set_state(PathState.LOST)
             self.next_offer_at = 0.0
+            self.first_endpoint_at = 0.0
+        if self.proxied:
+            return None  # the fallback decides what happens to a proxied path
         if self.candidates and time.monotonic() - self.endpoint_set_at > CANDIDATE_TIMEOUT:
             nxt = (self.candidate_index + 1) % len(self.candidates)
             if len(self.candidates) > 1 or self.state == PathState.LOST:
@@ -168,6 +194,10 @@ class PeerConnection:
             "mesh_ip": self.mesh_ip,
             "path": self.state.value,
             "endpoint": self.endpoint,
+            "proxied": self.proxied,
+            "relay_server": self.relay_server,
+            "local_candidate": self.local_candidate,
+            "remote_candidate": self.remote_candidate,
             "candidates": [c.to_wire() for c in self.candidates],
             "last_handshake": self.last_handshake or None,
             "rx_bytes": self.rx_bytes,
@@ -175,4 +205,5 @@ class PeerConnection:
             "latency_ms": self.latency_ms,
             "since": self.since,
             "path_changes": self.path_changes,
+            "last_error": self.last_error,
         }

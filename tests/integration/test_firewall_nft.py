@@ -27,7 +27,7 @@ from agent.firewall import Firewall, FirewallError
 
 pytestmark = pytest.mark.slow
 
-HELPER = r'''
+HELPER = r"""
 import json, socket, subprocess, sys, threading
 def echo(c):
     with c:
@@ -79,7 +79,7 @@ elif mode == "hold":
         except OSError:
             ok = False
         print("ok" if ok else "fail", flush=True)
-'''
+"""
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -120,7 +120,9 @@ class Lab:
     def popen(self, side: str, *args: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns(side), sys.executable, str(self.helper), *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.procs.append(proc)
         return proc
@@ -175,9 +177,21 @@ def fws(lab: Lab) -> Iterator[dict[str, Firewall]]:
 
 
 def fwmap(*rules: tuple[str, str, list[list[int]], str], sets: dict[str, list[str]]) -> dict[str, Any]:
-    return {"default_action": "drop", "sets": sets, "rules": [
-        {"policy_id": f"pol{i}", "direction": d, "action": "accept", "protocol": proto, "ports": ports, "peer_set": s}
-        for i, (d, proto, ports, s) in enumerate(rules)]}
+    return {
+        "default_action": "drop",
+        "sets": sets,
+        "rules": [
+            {
+                "policy_id": f"pol{i}",
+                "direction": d,
+                "action": "accept",
+                "protocol": proto,
+                "ports": ports,
+                "peer_set": s,
+            }
+            for i, (d, proto, ports, s) in enumerate(rules)
+        ],
+    }
 
 
 def maps_db(lab: Lab, ports: list[list[int]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -226,8 +240,13 @@ def test_icmp_rule_allows_ping(lab: Lab, fws: dict[str, Firewall]) -> None:
 
 def test_bidirectional_rules(lab: Lab, fws: dict[str, Firewall]) -> None:
     for side, other in (("a", "b"), ("b", "a")):
-        fws[side].apply(fwmap(("out", "tcp", [[5432, 5432]], "s"), ("in", "tcp", [[5432, 5432]], "s"),
-                              sets={"s": [lab.mesh_ip(other)]}))
+        fws[side].apply(
+            fwmap(
+                ("out", "tcp", [[5432, 5432]], "s"),
+                ("in", "tcp", [[5432, 5432]], "s"),
+                sets={"s": [lab.mesh_ip(other)]},
+            )
+        )
     assert lab.probe("a", ("tcp", lab.mesh_ip("b"), 5432), ("tcp", lab.mesh_ip("b"), 22)) == [True, False]
     assert lab.probe("b", ("tcp", lab.mesh_ip("a"), 5432), ("tcp", lab.mesh_ip("a"), 22)) == [True, False]
 
@@ -299,6 +318,7 @@ table ip filter {
 def test_other_tables_survive_every_operation(lab: Lab) -> None:
     tables = create_foreign_tables(lab)
     try:
+
         def snapshot() -> list[str]:
             return [lab.nft("b", "-s", "list", "table", f, n) for f, n in tables]
 

@@ -26,16 +26,27 @@ KEY = base64.b64encode(bytes(range(32))).decode()
 
 def test_uapi_lines_and_parse() -> None:
     lines = peer_lines(PeerConfig(KEY, ("100.64.0.2/32",), "198.18.1.2:51820", 25))
-    assert lines == [f"public_key={bytes(range(32)).hex()}", "endpoint=198.18.1.2:51820",
-                     "persistent_keepalive_interval=25", "replace_allowed_ips=true", "allowed_ip=100.64.0.2/32"]
-    reply = (f"private_key={'11' * 32}\nlisten_port=51820\npublic_key={bytes(range(32)).hex()}\n"
-             "endpoint=198.18.1.2:51820\nlast_handshake_time_sec=1700000000\nlast_handshake_time_nsec=500000000\n"
-             "rx_bytes=10\ntx_bytes=20\npersistent_keepalive_interval=25\nallowed_ip=100.64.0.2/32\nerrno=0\n\n")
+    assert lines == [
+        f"public_key={bytes(range(32)).hex()}",
+        "endpoint=198.18.1.2:51820",
+        "persistent_keepalive_interval=25",
+        "replace_allowed_ips=true",
+        "allowed_ip=100.64.0.2/32",
+    ]
+    reply = (
+        f"private_key={'11' * 32}\nlisten_port=51820\npublic_key={bytes(range(32)).hex()}\n"
+        "endpoint=198.18.1.2:51820\nlast_handshake_time_sec=1700000000\nlast_handshake_time_nsec=500000000\n"
+        "rx_bytes=10\ntx_bytes=20\npersistent_keepalive_interval=25\nallowed_ip=100.64.0.2/32\nerrno=0\n\n"
+    )
     iface, peers = parse_get(reply)
     assert iface["listen_port"] == "51820"
     stats = peers[KEY]
     assert (stats.endpoint, stats.rx_bytes, stats.tx_bytes, stats.allowed_ips) == (
-        "198.18.1.2:51820", 10, 20, ["100.64.0.2/32"])
+        "198.18.1.2:51820",
+        10,
+        20,
+        ["100.64.0.2/32"],
+    )
     assert stats.last_handshake == pytest.approx(1700000000.5)
     with pytest.raises(WireGuardError):
         key_to_hex("short")
@@ -44,21 +55,42 @@ def test_uapi_lines_and_parse() -> None:
 
 
 def entry(i: int, key: str | None = None) -> dict[str, Any]:
-    return {"id": f"p{i}", "name": f"n{i}", "public_key": key or f"k{i}", "mesh_ip": f"100.64.0.{i}",
-            "allowed_ips": [f"100.64.0.{i}/32"], "dns_name": f"n{i}.mesh"}
+    return {
+        "id": f"p{i}",
+        "name": f"n{i}",
+        "public_key": key or f"k{i}",
+        "mesh_ip": f"100.64.0.{i}",
+        "allowed_ips": [f"100.64.0.{i}/32"],
+        "dns_name": f"n{i}.mesh",
+    }
 
 
 def full(serial: int, peers: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "map", "serial": serial, "peer": {"mesh_ip": "100.64.0.1", "mesh_prefix": "100.64.0.0/16"},
-            "peers": peers, "firewall": {"rules": [], "sets": {}}, "dns": {}, "signal": {"url": ""}, "relays": []}
+    return {
+        "type": "map",
+        "serial": serial,
+        "peer": {"mesh_ip": "100.64.0.1", "mesh_prefix": "100.64.0.0/16"},
+        "peers": peers,
+        "firewall": {"rules": [], "sets": {}},
+        "dns": {},
+        "signal": {"url": ""},
+        "relays": [],
+    }
 
 
 def test_network_map_applies_full_and_delta_and_detects_gaps() -> None:
     m = NetworkMap()
     change = m.apply(full(5, [entry(2), entry(3)]))
     assert set(change.added) == {"p2", "p3"} and change.full
-    change = m.apply({"type": "delta", "serial": 6, "base_serial": 5, "peers_upsert": [entry(4), entry(3, "k3new")],
-                      "peers_remove": ["p2"]})
+    change = m.apply(
+        {
+            "type": "delta",
+            "serial": 6,
+            "base_serial": 5,
+            "peers_upsert": [entry(4), entry(3, "k3new")],
+            "peers_remove": ["p2"],
+        }
+    )
     assert set(change.added) == {"p4"} and set(change.removed) == {"p2"}
     assert change.changed["p3"][1]["public_key"] == "k3new"
     assert m.serial == 6
@@ -71,8 +103,15 @@ def test_network_map_applies_full_and_delta_and_detects_gaps() -> None:
 
 
 def test_candidates_are_validated() -> None:
-    raw = [{"address": "198.18.1.2:51820"}, {"address": "100.64.0.9:51820"}, {"address": "127.0.0.1:1"},
-           {"address": "nonsense"}, {"address": "198.18.1.3:0"}, "x", {"address": "198.18.2.2:51820", "kind": "bad"}]
+    raw = [
+        {"address": "198.18.1.2:51820"},
+        {"address": "100.64.0.9:51820"},
+        {"address": "127.0.0.1:1"},
+        {"address": "nonsense"},
+        {"address": "198.18.1.3:0"},
+        "x",
+        {"address": "198.18.2.2:51820", "kind": "bad"},
+    ]
     assert [c.address for c in parse_candidates(raw)] == ["198.18.1.2:51820", "198.18.2.2:51820"]
     assert parse_candidates("not a list") == []
 
@@ -138,10 +177,14 @@ class FakeWireGuard:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def set(self, interface: str, listen_port: Any = None, fwmark: Any = None, private_key: Any = None,
-            peer: Any = None) -> None:
-        args = {k: v for k, v in {"listen_port": listen_port, "private_key": private_key, "peer": peer}.items()
-                if v is not None}
+    def set(
+        self, interface: str, listen_port: Any = None, fwmark: Any = None, private_key: Any = None, peer: Any = None
+    ) -> None:
+        args = {
+            k: v
+            for k, v in {"listen_port": listen_port, "private_key": private_key, "peer": peer}.items()
+            if v is not None
+        }
         self.calls.append((interface, json.loads(json.dumps(args))))
 
 
@@ -152,8 +195,19 @@ def test_kernel_backend_speaks_pyroute2_wireguard_api() -> None:
     backend.remove_peer(KEY)
     backend.set_private_key(KEY)
     assert fake.calls == [
-        ("wt0", {"peer": {"public_key": KEY, "allowed_ips": ["100.64.0.2/32"], "persistent_keepalive": 25,
-                          "replace_allowed_ips": True, "endpoint_addr": "198.18.1.2", "endpoint_port": 51820}}),
+        (
+            "wt0",
+            {
+                "peer": {
+                    "public_key": KEY,
+                    "allowed_ips": ["100.64.0.2/32"],
+                    "persistent_keepalive": 25,
+                    "replace_allowed_ips": True,
+                    "endpoint_addr": "198.18.1.2",
+                    "endpoint_port": 51820,
+                }
+            },
+        ),
         ("wt0", {"peer": {"public_key": KEY, "remove": True}}),
         ("wt0", {"private_key": KEY}),
     ]

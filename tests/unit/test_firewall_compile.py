@@ -19,15 +19,31 @@ SRC = "0123456789abcdef01234567:src"
 DST = "0123456789abcdef01234567:dst"
 
 
-def rule(direction: str = "in", protocol: str = "tcp", ports: Any = ((5432, 5432),), peer_set: str = SRC,
-         policy_id: str = "0123456789abcdef01234567", **extra: Any) -> dict[str, Any]:
-    return {"policy_id": policy_id, "direction": direction, "action": "accept", "protocol": protocol,
-            "ports": [list(p) for p in ports], "peer_set": peer_set, **extra}
+def rule(
+    direction: str = "in",
+    protocol: str = "tcp",
+    ports: Any = ((5432, 5432),),
+    peer_set: str = SRC,
+    policy_id: str = "0123456789abcdef01234567",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "policy_id": policy_id,
+        "direction": direction,
+        "action": "accept",
+        "protocol": protocol,
+        "ports": [list(p) for p in ports],
+        "peer_set": peer_set,
+        **extra,
+    }
 
 
 def fw(*rules: dict[str, Any], sets: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    return {"default_action": "drop", "rules": list(rules),
-            "sets": sets if sets is not None else {SRC: ["100.64.0.7", "100.64.0.9"], DST: ["100.64.0.8"]}}
+    return {
+        "default_action": "drop",
+        "rules": list(rules),
+        "sets": sets if sets is not None else {SRC: ["100.64.0.7", "100.64.0.9"], DST: ["100.64.0.8"]},
+    }
 
 
 # ----- compilation -------------------------------------------------------------------------------
@@ -59,8 +75,15 @@ def test_text_rendering() -> None:
 
 
 def test_json_rule_expressions() -> None:
-    model = compile_firewall(fw(rule(ports=[(5432, 5432)]), rule(protocol="udp", ports=[(1, 10), (20, 20)]),
-                                rule("out", "icmp", ()), rule("out", "any", ())), "wt0")
+    model = compile_firewall(
+        fw(
+            rule(ports=[(5432, 5432)]),
+            rule(protocol="udp", ports=[(1, 10), (20, 20)]),
+            rule("out", "icmp", ()),
+            rule("out", "any", ()),
+        ),
+        "wt0",
+    )
     s = "@" + nft_set_name(SRC)
     exprs = {(r.direction, r.protocol): rule_expr(r) for r in model.rules_in + model.rules_out}
     assert exprs["in", "tcp"] == [
@@ -236,15 +259,21 @@ def test_full_build_replaces_any_table_atomically() -> None:
     ]
     chains = [c["add"]["chain"] for c in plan.commands if "chain" in c.get("add", {})]
     assert [(c["name"], c.get("hook")) for c in chains] == [
-        ("mesh_in", None), ("mesh_out", None), ("input", "input"), ("output", "output"), ("forward", "forward")]
+        ("mesh_in", None),
+        ("mesh_out", None),
+        ("input", "input"),
+        ("output", "output"),
+        ("forward", "forward"),
+    ]
 
 
 def test_adding_one_peer_is_one_element_add() -> None:
     old = compile_firewall(fw(rule()), "wt0")
     new = compile_firewall(fw(rule(), sets={SRC: ["100.64.0.7", "100.64.0.9", "100.64.1.1"], DST: []}), "wt0")
     plan = diff(old, new)
-    assert plan.commands == [{"add": {"element": {"family": "inet", "table": "starling",
-                                                  "name": nft_set_name(SRC), "elem": ["100.64.1.1"]}}}]
+    assert plan.commands == [
+        {"add": {"element": {"family": "inet", "table": "starling", "name": nft_set_name(SRC), "elem": ["100.64.1.1"]}}}
+    ]
     assert (plan.full, plan.elements_added, plan.chains_rebuilt) == (False, 1, ())
     assert diff(new, new).empty
 
@@ -271,8 +300,9 @@ def random_model(rng: random.Random) -> CompiledRuleset:
     for _ in range(rng.randint(0, 6)):
         proto = rng.choice(["any", "tcp", "udp", "icmp"])
         ports = [(a, a + rng.randint(0, 5)) for a in rng.sample(range(1, 100), rng.randint(0, 2))]
-        rules.append(rule(rng.choice(["in", "out"]), proto, ports if proto in ("tcp", "udp") else (),
-                          rng.choice(names)))
+        rules.append(
+            rule(rng.choice(["in", "out"]), proto, ports if proto in ("tcp", "udp") else (), rng.choice(names))
+        )
     return compile_firewall(fw(*rules, sets=sets), "wt0")
 
 
@@ -343,8 +373,9 @@ def test_equal_sets_share_one_nft_set_and_split_when_they_diverge() -> None:
     assert {r.set_name for r in model.rules_in + model.rules_out} == {nft_set_name(DST)}
     more = [*same, "100.64.0.3"]
     grown = compile_firewall(fw(rule(), rule("out", peer_set=DST), sets={SRC: more, DST: list(more)}), "wt0")
-    assert diff(model, grown).commands == [{"add": {"element": {"family": "inet", "table": "starling",
-                                                                 "name": nft_set_name(DST), "elem": ["100.64.0.3"]}}}]
+    assert diff(model, grown).commands == [
+        {"add": {"element": {"family": "inet", "table": "starling", "name": nft_set_name(DST), "elem": ["100.64.0.3"]}}}
+    ]
     split = compile_firewall(fw(rule(), rule("out", peer_set=DST), sets={SRC: more, DST: same}), "wt0")
     plan = diff(model, split)
     assert plan.sets_added == 1 and plan.chains_rebuilt == ("mesh_in",)

@@ -45,9 +45,17 @@ def test_engine_maps_are_always_consistent(seed: int) -> None:
             affected = g.remove_peer(rng.choice(ids))
         elif op in ("regroup", "approve"):
             n = g.peers[rng.choice(ids)]
-            affected = g.upsert_peer(PeerNode(n.id, n.name, n.public_key, n.mesh_ip,
-                                              (not n.approved) if op == "approve" else n.approved,
-                                              frozenset(rng.sample(groups, 2)) if op == "regroup" else n.groups), rev)
+            affected = g.upsert_peer(
+                PeerNode(
+                    n.id,
+                    n.name,
+                    n.public_key,
+                    n.mesh_ip,
+                    (not n.approved) if op == "approve" else n.approved,
+                    frozenset(rng.sample(groups, 2)) if op == "regroup" else n.groups,
+                ),
+                rev,
+            )
         elif op == "policy":
             affected = g.upsert_policy(random_policy(rng, f"pol{rng.randint(0, 14)}", groups, ids))
         else:
@@ -65,8 +73,7 @@ def test_missing_mirror_rule_is_caught() -> None:
     g.maps["p1"].rules = ()
     found = check_consistency(g)
     assert kinds(found) == {("missing_mirror", "p0", "p1")}
-    assert found[0].describe() == (
-        "p0 policy dev-db out tcp/5432 toward p1, but p1 has no matching in rule")
+    assert found[0].describe() == ("p0 policy dev-db out tcp/5432 toward p1, but p1 has no matching in rule")
 
 
 def test_mismatched_ports_are_caught_on_both_ends() -> None:
@@ -105,7 +112,9 @@ def test_a_corrupted_random_map_is_caught(seed: int) -> None:
     rng = random.Random(1000 + seed)
     g = random_graph(rng, 50, 6, 10)
     candidates = [
-        (pid, i) for pid, st in g.maps.items() for i, r in enumerate(st.rules)
+        (pid, i)
+        for pid, st in g.maps.items()
+        for i, r in enumerate(st.rules)
         if st.sets[r.peer_set] & ~(1 << g.peers[pid].slot)
     ]
     if not candidates:
@@ -113,7 +122,7 @@ def test_a_corrupted_random_map_is_caught(seed: int) -> None:
     pid, i = rng.choice(candidates)
     state = g.maps[pid]
     dropped = state.rules[i]
-    state.rules = state.rules[:i] + state.rules[i + 1:]
+    state.rules = state.rules[:i] + state.rules[i + 1 :]
     found = check_consistency(g)
     assert found, "dropping a rule must break symmetry"
     assert all(v.policy_id == dropped.policy_id for v in found)
@@ -124,8 +133,9 @@ def test_check_cost_on_a_large_graph() -> None:
     g = MeshGraph()
     groups = {f"g{i}": f"g{i}" for i in range(20)}
     rng = random.Random(7)
-    pols = [policy(f"pol{i}", {f"g{rng.randrange(20)}"}, {f"g{rng.randrange(20)}"}, bidir=i % 3 == 0)
-            for i in range(40)]
+    pols = [
+        policy(f"pol{i}", {f"g{rng.randrange(20)}"}, {f"g{rng.randrange(20)}"}, bidir=i % 3 == 0) for i in range(40)
+    ]
     peers = [peer(i, {f"g{rng.randrange(20)}", f"g{rng.randrange(20)}"}) for i in range(3000)]
     g.load(SETTINGS, groups, pols, peers, 1)
     started = time.perf_counter()

@@ -1,0 +1,358 @@
+"""When WireGuard cannot reach a peer by itself: ICE fallback, relay proxy, and the way back to direct.
+
+The agent first points WireGuard straight at the peer's best candidate (host or server-reflexive).
+If no handshake follows within `DIRECT_TIMEOUT`, this module runs ICE (aioice, with STUN and
+TURN from the network map) between the two agents over signal:
+
+    controlling side (smaller public key)          controlled side
+    gather -> "ice-offer" {ufrag,pwd,candidates} ->  gather, add remote
+           <- "ice-answer" {...}                  <-
+    connect (bounded)                              connect (bounded)
+
+The controlled side asks with "ice-request" when it notices first. The nominated pair carries
+WireGuard through a `PairProxy` (WireGuard endpoint = 127.0.0.1:proxy port). While on the proxy,
+the controlling side re-probes every `UPGRADE_INTERVAL` with a direct-only ICE session
+("probe-offer"/"probe-answer", after refreshing the public mapping); when that succeeds both sides
+point WireGuard at the direct candidate again, keeping the proxy for `SWITCH_GRACE` so nothing
+is lost, and close it once WireGuard receives directly. Every attempt lands in a short history
+that `starling explain` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.nat.ice import IceParams, IceSession, SelectedPair
+from agent.nat.relay import PairProxy
+from agent.nat.stun import parse_server
+from agent.peers import PathState, PeerConnection
+
+log = logging.getLogger("starling.agent.nat")
+DIRECT_TIMEOUT = 2.0  # s without a handshake on the direct candidates before ICE starts
+ICE_LIMIT = 8.0  # s for one ICE connect()
+GATHER_LIMIT = 4  # s for STUN/TURN gathering (aioice's unit is whole seconds)
+UPGRADE_INTERVAL = 5.0  # s between direct re-probes while on the relay
+PROBE_LIMIT = 3.0
+PROXY_SILENCE = 12.0  # s without a datagram from the peer (ICE consent checks come every ~5 s): path lost
+RETRY_CAP = 10.0  # s between ICE attempts at most (so a returning relay is used within ~10 s)
+SWITCH_GRACE = 3.0  # s the proxy stays after switching to direct, until WireGuard receives directly
+HEAD_START = 0.8  # s head start of direct pairs over relay pairs
+KINDS = ("ice-request", "ice-offer", "ice-answer", "probe-offer", "probe-answer")
+
+
+@dataclass
+class PeerNat:
+    """What the fallback knows about one peer (lives as long as the peer is in the map)."""
+
+    session: IceSession | None = None
+    answer: asyncio.Future[IceParams] | None = None
+    task: asyncio.Task[None] | None = None
+    proxy: PairProxy | None = None
+    relay_server: str | None = None
+    next_attempt: float = 0.0
+    failures: int = 0
+    next_probe: float = 0.0
+    probe: IceSession | None = None
+    probe_answer: asyncio.Future[IceParams] | None = None
+    switching_since: float = 0.0  # > 0: WireGuard points direct again, proxy kept until confirmed
+    rx_at_switch: int = 0
+    history: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
+
+    def note(self, text: str) -> None:
+        self.history.append(f"{time.strftime('%H:%M:%S')} {text}")
+        log.info("%s", text)
+
+
+class Fallback:
+    """ICE fallback, relay proxies and direct re-probes for every peer of one agent."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent  # the daemon: signal, map, backend, reflexive, conns (duck-typed)
+        self.peers: dict[str, PeerNat] = {}
+
+    # ----- helpers ----------------------------------------------------------------------------
+    def state(self, conn: PeerConnection) -> PeerNat:
+        return self.peers.setdefault(conn.peer_id, PeerNat())
+
+    def controlling(self, conn: PeerConnection) -> bool:
+        return bool(self.agent.public_key < conn.public_key)
+
+    def _servers(self, with_turn: bool = True) -> dict[str, Any]:
+        stun = turn = user = password = None
+        for relay in self.agent.map.relays:
+            for url in relay.get("urls", []) if isinstance(relay, dict) else []:
+                if not isinstance(url, str) or "transport=tcp" in url:
+                    continue
+                with contextlib.suppress(ValueError):
+                    server = parse_server(url)
+                    stun = stun or server
+                    if with_turn and url.startswith("turn:") and turn is None:
+                        turn, user, password = server, relay.get("username"), relay.get("password")
+        return {"stun_server": stun, "turn_server": turn, "turn_username": user, "turn_password": password}
+
+    async def _session(self, conn: PeerConnection, controlling: bool, with_turn: bool = True) -> IceSession:
+        await self.agent.fresh_candidates()  # the host-candidate filter reads this cache on the loop
+        servers = self._servers(with_turn)
+        st = self.state(conn)
+        if with_turn:
+            st.relay_server = (
+                f"{servers['turn_server'][0]}:{servers['turn_server'][1]}" if servers["turn_server"] else None
+            )
+        return IceSession(
+            controlling=controlling, address_filter=self.agent.ice_address_ok, head_start=HEAD_START, **servers
+        )
+
+    async def _send(self, conn: PeerConnection, kind: str, body: dict[str, Any]) -> bool:
+        signal = self.agent.signal
+        if signal is None or not signal.connected:
+            return False
+        return bool(await signal.send(conn.public_key, kind, body))
+
+    # ----- called by the watchdog -------------------------------------------------------------
+    def due(self, conn: PeerConnection, mono: float) -> bool:
+        """Direct candidates had their chance and failed: time to run ICE?"""
+        st = self.state(conn)
+        if st.proxy is not None or (st.task is not None and not st.task.done()) or mono < st.next_attempt:
+            return False
+        if conn.state not in (PathState.CONNECTING, PathState.LOST) or not conn.candidates:
+            return False
+        return conn.endpoint_set_at > 0 and mono - conn.first_endpoint_at >= DIRECT_TIMEOUT
+
+    async def tick(self, conn: PeerConnection, mono: float) -> None:
+        st = self.state(conn)
+        if self.due(conn, mono):
+            st.next_attempt = mono + min(2.0 * 2 ** min(st.failures, 4), RETRY_CAP)
+            if self.controlling(conn):
+                st.task = asyncio.create_task(self._negotiate(conn))
+            else:
+                await self._send(conn, "ice-request", {})
+        if st.proxy is not None:
+            await self._maintain(conn, st, mono)
+
+    async def _maintain(self, conn: PeerConnection, st: PeerNat, mono: float) -> None:
+        assert st.proxy is not None
+        if mono - st.proxy.last_heard > PROXY_SILENCE and not st.switching_since:
+            conn.last_error = f"nothing from the peer over {st.proxy.pair.describe()} for {PROXY_SILENCE:g} s"
+            await self.path_lost(conn)
+            return
+        if st.switching_since:
+            # Confirmed when WireGuard received something since the switch and still points direct:
+            # a packet that came through the proxy would have moved its endpoint back to 127.0.0.1.
+            current = conn.wg_endpoint or ""
+            if conn.rx_bytes > st.rx_at_switch and current and not current.startswith("127.0.0.1:"):
+                st.note(f"{conn.name}: WireGuard receives directly from {current}: relay closed")
+                await self._drop_proxy(conn, st)
+                conn.set_state(PathState.DIRECT)
+                await self.agent.nudge(conn)  # so that the other side sees us directly too
+            elif mono - st.switching_since > SWITCH_GRACE:
+                st.note(f"{conn.name}: direct switch not confirmed, staying on the proxy")
+                st.switching_since = 0.0
+                await self.agent.point_wireguard(conn, f"127.0.0.1:{st.proxy.port}", fresh=False)
+            else:
+                # Keep a packet going each way while the NATs open: the first one may meet a closed hole.
+                await self.agent.nudge(conn)
+            return
+        if st.proxy.pair.relayed and self.controlling(conn) and mono >= st.next_probe:
+            st.next_probe = mono + UPGRADE_INTERVAL
+            if st.task is None or st.task.done():
+                st.task = asyncio.create_task(self._probe(conn))
+
+    # ----- negotiation ------------------------------------------------------------------------
+    async def _negotiate(self, conn: PeerConnection) -> None:
+        st = self.state(conn)
+        await self._close_session(st)
+        session = st.session = await self._session(conn, controlling=True)
+        try:
+            async with asyncio.timeout(GATHER_LIMIT + 1):
+                params = await session.gather()
+            st.answer = asyncio.get_running_loop().create_future()
+            if not await self._send(conn, "ice-offer", params.to_wire()):
+                raise ConnectionError("signal is not connected")
+            async with asyncio.timeout(5):
+                remote = await st.answer
+            await self._connect(conn, st, session, remote)
+        except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
+            self._failed(conn, st, str(exc) or type(exc).__name__)
+
+    async def _answer(self, conn: PeerConnection, remote: IceParams) -> None:
+        st = self.state(conn)
+        await self._drop_proxy(conn, st)
+        await self._close_session(st)
+        session = st.session = await self._session(conn, controlling=False)
+        try:
+            async with asyncio.timeout(GATHER_LIMIT + 1):
+                params = await session.gather()
+            if not await self._send(conn, "ice-answer", params.to_wire()):
+                raise ConnectionError("signal is not connected")
+            await self._connect(conn, st, session, remote)
+        except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
+            self._failed(conn, st, str(exc) or type(exc).__name__)
+
+    async def _connect(self, conn: PeerConnection, st: PeerNat, session: IceSession, remote: IceParams) -> None:
+        used = await session.set_remote(remote)
+        st.note(f"{conn.name}: ICE with {used} remote candidates, local {session.local_types}")
+        pair = await session.connect(ICE_LIMIT)
+        for desc, result in session.pairs_tried:
+            st.history.append(f"    pair {desc}: {result}")
+        await self._use_pair(conn, st, pair)
+
+    async def _use_pair(self, conn: PeerConnection, st: PeerNat, pair: SelectedPair) -> None:
+        await self._drop_proxy(conn, st, close_session=False)
+        proxy = PairProxy(pair, self.agent.port)
+        port = await proxy.start()
+        st.proxy, st.failures, st.switching_since = proxy, 0, 0.0
+        st.next_probe = time.monotonic() + UPGRADE_INTERVAL
+        conn.proxied, conn.relayed = True, pair.relayed
+        conn.local_candidate, conn.remote_candidate = (
+            f"{pair.local_type} {pair.local_address[0]}:{pair.local_address[1]}",
+            f"{pair.remote_type} {pair.remote_address[0]}:{pair.remote_address[1]}",
+        )
+        conn.relay_server = st.relay_server if pair.relayed else None
+        st.note(f"{conn.name}: ICE selected {pair.describe()} ({'relayed' if pair.relayed else 'direct'} via proxy)")
+        await self.agent.point_wireguard(conn, f"127.0.0.1:{port}", fresh=True)
+
+    def _failed(self, conn: PeerConnection, st: PeerNat, why: str) -> None:
+        st.failures += 1
+        conn.last_error = f"ICE failed: {why}"
+        st.note(f"{conn.name}: ICE attempt {st.failures} failed: {why}")
+
+    # ----- direct re-probe while relayed ------------------------------------------------------
+    async def _probe(self, conn: PeerConnection) -> None:
+        st = self.state(conn)
+        await self.agent.refresh_reflexive()
+        if st.probe is not None:
+            await st.probe.close()
+        probe = st.probe = await self._session(conn, controlling=True, with_turn=False)
+        try:
+            async with asyncio.timeout(GATHER_LIMIT + 1):
+                params = await probe.gather()
+            st.probe_answer = asyncio.get_running_loop().create_future()
+            await self.agent.send_offer(conn)
+            if not await self._send(conn, "probe-offer", params.to_wire()):
+                return
+            async with asyncio.timeout(3):
+                remote = await st.probe_answer
+            await probe.set_remote(remote)
+            await probe.connect(PROBE_LIMIT)
+            await self._switch_direct(conn, st)
+            # The controlled side completes its own checks a moment later: closing now would fail them.
+            await asyncio.sleep(PROBE_LIMIT)
+        except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
+            log.debug("%s: direct probe failed: %s", conn.name, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.close()
+            st.probe = None
+
+    async def _probe_answer(self, conn: PeerConnection, remote: IceParams) -> None:
+        st = self.state(conn)
+        await self.agent.refresh_reflexive()
+        probe = await self._session(conn, controlling=False, with_turn=False)
+        try:
+            async with asyncio.timeout(GATHER_LIMIT + 1):
+                params = await probe.gather()
+            await self.agent.send_offer(conn)
+            if not await self._send(conn, "probe-answer", params.to_wire()):
+                return
+            await probe.set_remote(remote)
+            await probe.connect(PROBE_LIMIT)
+            await self._switch_direct(conn, st)
+        except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
+            log.debug("%s: direct probe (answer) failed: %s", conn.name, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.close()
+
+    async def _switch_direct(self, conn: PeerConnection, st: PeerNat) -> None:
+        target = conn.best_direct()
+        if st.proxy is None or target is None:
+            return
+        st.note(f"{conn.name}: direct path works again: WireGuard -> {target}, relay kept for {SWITCH_GRACE:g} s")
+        st.switching_since, st.rx_at_switch = time.monotonic(), conn.rx_bytes
+        await self.agent.point_wireguard(conn, target, fresh=False)
+        await self.agent.nudge(conn)
+
+    # ----- signal messages --------------------------------------------------------------------
+    async def on_message(self, conn: PeerConnection, kind: str, body: Any) -> None:
+        st = self.state(conn)
+        if kind == "ice-request":
+            if self.controlling(conn) and (st.task is None or st.task.done()) and st.switching_since == 0:
+                st.next_attempt = time.monotonic() + 2.0
+                st.task = asyncio.create_task(self._negotiate(conn))
+            return
+        try:
+            params = IceParams.from_wire(body)
+        except ValueError as exc:
+            st.note(f"{conn.name}: refused {kind}: {exc}")
+            return
+        if kind == "ice-offer" and not self.controlling(conn):
+            st.next_attempt = time.monotonic() + 2.0
+            if st.task is not None and not st.task.done():
+                st.task.cancel()
+            st.task = asyncio.create_task(self._answer(conn, params))
+        elif kind == "ice-answer" and st.answer is not None and not st.answer.done():
+            st.answer.set_result(params)
+        elif kind == "probe-offer" and not self.controlling(conn):
+            asyncio.create_task(self._probe_answer(conn, params))  # noqa: RUF006 - bounded by its own timeouts
+        elif kind == "probe-answer" and st.probe_answer is not None and not st.probe_answer.done():
+            st.probe_answer.set_result(params)
+
+    # ----- teardown ---------------------------------------------------------------------------
+    async def _drop_proxy(self, conn: PeerConnection, st: PeerNat, close_session: bool = True) -> None:
+        if st.proxy is not None:
+            st.proxy.close()
+            st.proxy = None
+        st.switching_since = 0.0
+        conn.proxied = conn.relayed = False
+        conn.relay_server = None
+        if close_session:
+            await self._close_session(st)
+
+    async def _close_session(self, st: PeerNat) -> None:
+        if st.session is not None:
+            session, st.session = st.session, None
+            with contextlib.suppress(Exception):
+                await session.close()
+
+    async def path_lost(self, conn: PeerConnection) -> None:
+        """The proxied path stopped carrying handshakes: back to direct attempts, then ICE again."""
+        st = self.state(conn)
+        if st.proxy is not None:
+            st.note(f"{conn.name}: {'relayed' if conn.relayed else 'proxied'} path lost")
+            await self._drop_proxy(conn, st)
+            st.next_attempt = 0.0
+            conn.stale_before = conn.last_handshake  # the old path's handshake proves nothing now
+            conn.set_state(PathState.CONNECTING)
+            conn.first_endpoint_at = time.monotonic()
+            target = conn.best_direct()
+            if target is not None:
+                await self.agent.point_wireguard(conn, target, fresh=True)
+
+    async def forget(self, peer_id: str) -> None:
+        st = self.peers.pop(peer_id, None)
+        if st is None:
+            return
+        for task in (st.task,):
+            if task is not None:
+                task.cancel()
+        if st.proxy is not None:
+            st.proxy.close()
+        await self._close_session(st)
+
+    async def close(self) -> None:
+        for peer_id in list(self.peers):
+            await self.forget(peer_id)
+
+    def explain(self, peer_id: str) -> list[str]:
+        st = self.peers.get(peer_id)
+        return list(st.history) if st else []
+
+    def proxy_status(self, peer_id: str) -> dict[str, Any] | None:
+        st = self.peers.get(peer_id)
+        return st.proxy.status() if st and st.proxy else None

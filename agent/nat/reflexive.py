@@ -1,0 +1,135 @@
+"""The WireGuard port's public (server-reflexive) address, learned by STUN while WireGuard owns the port.
+
+WireGuard (kernel or wireguard-go) holds the UDP port, so the agent cannot send STUN from it. It
+sends from a side socket instead and lets one nftables rule rewrite that socket's source port to
+the WireGuard port (`snat to :PORT` in the agent's table `ip starling-stun`): the NAT in front of
+the host sees the WireGuard port and answers with the mapping WireGuard's own packets get (with
+an endpoint-independent NAT: the mapping every peer sees). Conntrack takes the answer back to the
+side socket. The probe only ever talks to the STUN servers, which WireGuard never talks to, so
+the two flows cannot clash. Without nftables the agent probes from the side socket unmapped and
+says so: the address is then right only for the host's public IP, not the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+from agent.firewall.model import FirewallError
+from agent.firewall.nft import Nft
+from agent.nat.stun import StunError, binding
+
+log = logging.getLogger("starling.agent.nat")
+TABLE = "starling-stun"
+UDP_SPORT = {"protocol": "udp", "field": "sport"}
+
+
+def snat_table(probe_port: int, wg_port: int) -> list[dict[str, Any]]:
+    """nft JSON batch: (re)create `ip starling-stun` with the one SNAT rule, atomically."""
+    table = {"family": "ip", "name": TABLE}
+    ref = {"family": "ip", "table": TABLE}
+    return [
+        {"add": {"table": table}},
+        {"delete": {"table": table}},
+        {"add": {"table": table}},
+        {
+            "add": {
+                "chain": {
+                    **ref,
+                    "name": "postrouting",
+                    "type": "nat",
+                    "hook": "postrouting",
+                    "prio": 100,
+                    "policy": "accept",
+                }
+            }
+        },
+        {
+            "add": {
+                "rule": {
+                    **ref,
+                    "chain": "postrouting",
+                    "comment": "starling: STUN probes leave from the WireGuard port",
+                    "expr": [
+                        {"match": {"op": "==", "left": {"payload": UDP_SPORT}, "right": probe_port}},
+                        {"snat": {"port": wg_port}},
+                    ],
+                }
+            }
+        },
+    ]
+
+
+class ReflexiveProbe:
+    """Learns and remembers the server-reflexive address of the WireGuard port."""
+
+    def __init__(self, wg_port: int, nft: Nft | None = None) -> None:
+        self.wg_port = wg_port
+        self.nft = nft or Nft()
+        self.probe_port = 0
+        self.mapped = False  # the SNAT rule is in place: answers describe the WireGuard port
+        self.address: str | None = None  # "ip:port" of the WireGuard port as the STUN server saw it
+        self.server: str | None = None
+        self.learned_at = 0.0
+        self.last_error: str | None = None
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(("0.0.0.0", self.probe_port))
+        except OSError:
+            sock.close()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("0.0.0.0", 0))
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        if port != self.probe_port or not self.mapped:
+            self.probe_port = port
+            try:
+                self.nft.apply(snat_table(port, self.wg_port))
+                self.mapped = True
+            except FirewallError as exc:
+                self.mapped = False
+                log.warning("STUN probe not mapped to the WireGuard port (nftables: %s)", exc)
+        return sock
+
+    async def learn(self, servers: list[tuple[str, int]], limit: float = 2.0) -> str | None:
+        """Ask the servers in turn; returns the new address, or None (the last one stays, error noted)."""
+        errors = []
+        for server in servers:
+            sock = await asyncio.to_thread(self._bind)
+            try:
+                ip, port = await binding(sock, server, limit=limit)
+            except (StunError, OSError) as exc:
+                errors.append(f"{server[0]}:{server[1]}: {exc}")
+                continue
+            if not self.mapped:
+                port = self.wg_port  # best guess: port-preserving NAT or none
+            address = f"{ip}:{port}"
+            if address != self.address:
+                log.info("WireGuard port %s seen as %s by %s:%s", self.wg_port, address, *server)
+            self.address, self.server = address, f"{server[0]}:{server[1]}"
+            self.learned_at, self.last_error = time.time(), None
+            return address
+        self.last_error = "; ".join(errors) or "no STUN server in the network map"
+        return None
+
+    def remove(self) -> None:
+        table = {"family": "ip", "name": TABLE}
+        try:
+            self.nft.apply([{"add": {"table": table}}, {"delete": {"table": table}}])
+        except FirewallError as exc:
+            log.debug("removing %s: %s", TABLE, exc)
+        self.mapped = False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "server": self.server,
+            "mapped_to_wireguard_port": self.mapped,
+            "learned_at": self.learned_at or None,
+            "error": self.last_error,
+        }

@@ -1,0 +1,87 @@
+"""STUN binding requests (RFC 8489) over asyncio UDP, with retransmission.
+
+Message encoding comes from aioice's `stun` module; this module owns only the transaction: send a
+binding request from a given local socket, retransmit with a doubling RTO, return the
+XOR-MAPPED-ADDRESS of the answer, and classify failures so `starling status` can say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+from aioice import stun
+
+
+class StunError(Exception):
+    """No usable answer from a STUN server (timeout, error response, garbage)."""
+
+
+def parse_server(url: str, default_port: int = 3478) -> tuple[str, int]:
+    """`turn:198.19.0.1:3478?transport=udp` / `stun:host:port` / `host:port` -> (host, port)."""
+    rest = url.split(":", 1)[1] if url.split(":", 1)[0] in ("stun", "turn", "stuns", "turns") else url
+    rest = rest.split("?", 1)[0].lstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host:
+        return rest, default_port
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError as exc:
+        raise ValueError(f"bad STUN/TURN server URL {url!r}") from exc
+
+
+class _Transaction(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[tuple[bytes, Any]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.answers.put_nowait((data, addr))
+
+
+async def binding(
+    sock: socket.socket, server: tuple[str, int], *, limit: float = 2.0, rto: float = 0.25
+) -> tuple[str, int]:
+    """Send binding requests from `sock` (an unconnected, bound UDP socket) until one is answered.
+
+    The socket is consumed: asyncio owns it for the transaction and closes it at the end.
+    """
+    loop = asyncio.get_running_loop()
+    request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    request.add_fingerprint()
+    payload = bytes(request)
+    transport, protocol = await loop.create_datagram_endpoint(_Transaction, sock=sock)
+    try:
+        async with asyncio.timeout(limit):
+            wait = rto
+            while True:
+                transport.sendto(payload, server)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        while True:
+                            data, _addr = await protocol.answers.get()
+                            answer = _match(data, request.transaction_id)
+                            if answer is not None:
+                                return answer
+                wait = min(wait * 2, 1.0)
+    except TimeoutError:
+        raise StunError(f"no STUN answer from {server[0]}:{server[1]} within {limit:g} s") from None
+    finally:
+        transport.abort()
+
+
+def _match(data: bytes, transaction_id: bytes) -> tuple[str, int] | None:
+    try:
+        message = stun.parse_message(data)
+    except ValueError:
+        return None
+    if message.transaction_id != transaction_id:
+        return None
+    if message.message_class == stun.Class.ERROR:
+        code = message.attributes.get("ERROR-CODE", (0, "error"))
+        raise StunError(f"STUN error {code[0]} {code[1]}")
+    mapped = message.attributes.get("XOR-MAPPED-ADDRESS") or message.attributes.get("MAPPED-ADDRESS")
+    if not mapped:
+        raise StunError("STUN answer without a mapped address")
+    return str(mapped[0]), int(mapped[1])

@@ -1,0 +1,183 @@
+"""NAT traversal end to end: real agents behind real NAT routers (namespaces + nftables), a real
+coturn, coordinator and signal on the "public" segment (198.19.N.0/24).
+
+Matrix: EIM<->EIM and EIM<->public go direct (WireGuard straight to the server-reflexive address);
+symmetric<->symmetric goes through the TURN relay; symmetric<->EIM works (relayed: the EIM router's
+stateful filter drops the symmetric side's packets from unpredictable ports). Then: coturn dies
+while pairs are direct (no loss), and a symmetric NAT becomes endpoint-independent at run time
+(the relayed pair upgrades to direct).
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.coturn import CoturnProcess
+from tests.fixtures.mesh import Mesh, SignalProcess, wait_for
+from tests.fixtures.natlab import NatLab, natlab
+
+pytestmark = pytest.mark.slow
+
+# host name -> router kind ("public": straight on the public segment)
+LAYOUT = {"e1": "eim", "e2": "eim", "s1": "symmetric", "s2": "symmetric", "p": "public"}
+
+
+@pytest.fixture(scope="module")
+def nat_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    workdir = tmp_path_factory.mktemp("nat")
+    secret = secrets.token_urlsafe(24)
+    with natlab() as lab:
+        coturn = CoturnProcess(workdir / "coturn", lab.public_gateway, secret=secret)
+        coturn.start()
+        coord = CoordinatorProcess(
+            workdir=workdir / "coordinator",
+            config={
+                "mesh": {"turn_servers": [coturn.turn_url]},
+                "secrets": {"source": "config", "turn_secret": secret},
+            },
+            host=lab.public_gateway,
+        )
+        signal = SignalProcess(workdir / "signal", lab.public_gateway, "")
+        m: Mesh | None = None
+        try:
+            coord.start()
+            signal.coordinator_url = coord.url
+            signal.start()
+            with coord.client() as api:
+                assert api.patch("/api/v1/settings", json={"signal_url": signal.ws_url}).status_code == 200
+                api.post("/api/v1/groups", json={"name": "all"})
+                r = api.post(
+                    "/api/v1/policies",
+                    json={
+                        "name": "all",
+                        "bidirectional": True,
+                        "sources": {"groups": ["all"]},
+                        "destinations": {"groups": ["all"]},
+                    },
+                )
+                assert r.status_code == 201, r.text
+            m = Mesh(lab, coord, signal, workdir)  # type: ignore[arg-type]
+            m.coturn = coturn  # type: ignore[attr-defined]
+            for name, kind in LAYOUT.items():
+                if kind == "public":
+                    host = lab.add_public_host(name)
+                else:
+                    host = lab.add_host(name, lab.add_router(f"r{name}", kind))
+                m.start_agent(name, ["all"], host=host)
+            yield m
+        finally:
+            for agent in m.agents.values() if m else []:
+                print(f"--- agent {agent.host.name} log ---\n{agent.log_tail(120)}")
+            signal.stop()
+            coord.stop()
+            coturn.stop()
+
+
+def path_of(mesh: Mesh, src: str, dst: str) -> dict[str, object]:
+    return mesh.agents[src].peer_status(dst)
+
+
+def wait_path(mesh: Mesh, src: str, dst: str, path: str, timeout: float) -> float:
+    try:
+        return wait_for(lambda: path_of(mesh, src, dst).get("path") == path, timeout, what=f"{src}->{dst} {path}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{mesh.diagnose(src, dst)}") from None
+
+
+def tcp_transfer(mesh: Mesh, src: str, dst: str, size: int = 2_000_000) -> None:
+    """Send `size` bytes over TCP through the mesh and check they all arrived."""
+    server, client = mesh.agents[dst], mesh.agents[src]
+    port = 15000 + secrets.randbelow(1000)
+    script = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(('{server.mesh_ip}', {port})); s.listen(1); s.settimeout(20)\n"
+        "c,_=s.accept(); c.settimeout(20); n=0\n"
+        "while True:\n"
+        "    d=c.recv(65536)\n"
+        "    if not d: break\n"
+        "    n+=len(d)\n"
+        "print(n)\n"
+    )
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", server.host.ns, "python3", "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(0.3)
+        sender = (
+            "import socket,time\n"
+            f"c=socket.create_connection(('{server.mesh_ip}', {port}), timeout=10)\n"
+            f"c.sendall(b'x'*{size}); c.close()\n"
+        )
+        client.host.exec("python3", "-c", sender, timeout=30)
+        out, _ = listener.communicate(timeout=30)
+        assert int(out.strip()) == size
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [("e1", "e2", "direct"), ("e1", "p", "direct"), ("s1", "s2", "relayed"), ("s1", "e1", "relayed")],
+)
+def test_matrix(nat_mesh: Mesh, a: str, b: str, expected: str) -> None:
+    nat_mesh.wait_ping(a, b, 30)
+    assert nat_mesh.can_ping(b, a)
+    wait_path(nat_mesh, a, b, expected, 10)
+    wait_path(nat_mesh, b, a, expected, 10)
+    status = path_of(nat_mesh, a, b)
+    if expected == "direct":
+        assert not status["proxied"]
+        assert not str(status["endpoint"]).startswith("127.0.0.1"), status
+    else:
+        assert status["proxied"] and status["relay_server"], status
+        assert "relay" in f"{status['local_candidate']} {status['remote_candidate']}", status
+    tcp_transfer(nat_mesh, a, b)
+
+
+def test_status_shows_nat_facts(nat_mesh: Mesh) -> None:
+    status = nat_mesh.agents["e1"].status()
+    router = nat_mesh.agents["e1"].host.router  # type: ignore[attr-defined]
+    reflexive = status["nat"]["reflexive"]
+    assert reflexive["mapped_to_wireguard_port"]
+    # EIM masquerade keeps the port: the public mapping is the router's WAN address and our WireGuard port.
+    assert reflexive["address"] == f"{router.wan_ip}:{status['listen_port']}"
+    explained = nat_mesh.agents["s1"].cli("explain", "s2", "--json")
+    assert explained.returncode == 0, explained.stderr
+    assert "ICE selected" in explained.stdout
+
+
+def test_direct_pairs_survive_coturn_dying(nat_mesh: Mesh) -> None:
+    nat_mesh.wait_ping("e1", "e2", 30)
+    wait_path(nat_mesh, "e1", "e2", "direct", 10)
+    coturn: CoturnProcess = nat_mesh.coturn  # type: ignore[attr-defined]
+    coturn.stop()
+    try:
+        lost = 0
+        for _ in range(10):
+            lost += 0 if nat_mesh.can_ping("e1", "e2", wait=1.0) else 1
+            time.sleep(0.2)
+        assert lost == 0
+    finally:
+        coturn.start()
+
+
+def test_symmetric_nat_turning_eim_upgrades_to_direct(nat_mesh: Mesh) -> None:
+    lab: NatLab = nat_mesh.lab  # type: ignore[assignment]
+    nat_mesh.wait_ping("s1", "s2", 30)
+    wait_path(nat_mesh, "s1", "s2", "relayed", 15)
+    started = time.monotonic()
+    lab.router("rs1").set_kind("eim")
+    lab.router("rs2").set_kind("eim")
+    wait_path(nat_mesh, "s1", "s2", "direct", 20)
+    upgraded = time.monotonic() - started
+    assert nat_mesh.can_ping("s1", "s2")
+    print(f"relay -> direct upgrade after {upgraded:.1f} s (goal 10 s; bench/dataplane measures it)")
