@@ -107,6 +107,7 @@ class Agent:
     # ----- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(_loop_exception)
         self.private_key = self.keys.load()
         self.public_key = public_key_of(self.private_key)
         # Fail closed: the guard (drop everything on the mesh interface) is in place before any peer.
@@ -546,17 +547,25 @@ class Agent:
                 st = stats.get(conn.public_key)
                 if st is None:
                     continue
-                was = conn.state
-                endpoint = conn.observe(st.last_handshake, st.rx_bytes, st.tx_bytes, st.endpoint, now)
-                entry = self.map.peers.get(conn.peer_id)
-                if endpoint is not None and entry is not None:
-                    await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
-                if conn.proxied and conn.state == PathState.LOST and was != PathState.LOST:
-                    await self.fallback.path_lost(conn)
-                await self.fallback.tick(conn, mono)
-                if conn.offer_due(mono) and not await self._offer(conn, "offer"):
-                    conn.next_offer_at = mono + 0.5
-                    conn.offer_backoff = max(1.0, conn.offer_backoff / 2)
+                try:
+                    await self._watch_peer(conn, st, now, mono)
+                except Exception:
+                    # One peer's trouble must not stop the watchdog for all the others.
+                    log.exception("watchdog: peer %s", conn.name)
+
+    async def _watch_peer(self, conn: PeerConnection, st: Any, now: float, mono: float) -> None:
+        """One watchdog pass for one peer: path state from WireGuard, fallback, re-offers."""
+        was = conn.state
+        endpoint = conn.observe(st.last_handshake, st.rx_bytes, st.tx_bytes, st.endpoint, now)
+        entry = self.map.peers.get(conn.peer_id)
+        if endpoint is not None and entry is not None:
+            await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+        if conn.proxied and conn.state == PathState.LOST and was != PathState.LOST:
+            await self.fallback.path_lost(conn)
+        await self.fallback.tick(conn, mono)
+        if conn.offer_due(mono) and not await self._offer(conn, "offer"):
+            conn.next_offer_at = mono + 0.5
+            conn.offer_backoff = max(1.0, conn.offer_backoff / 2)
 
     async def _reporter(self) -> None:
         last: list[dict[str, Any]] | None = None
@@ -604,7 +613,13 @@ class Agent:
         }
 
     def _peer_status(self, conn: PeerConnection) -> dict[str, Any]:
-        return {**conn.status(), "proxy": self.fallback.proxy_status(conn.peer_id)}
+        sent, received = self.fallback.relayed_bytes(conn.peer_id)
+        return {
+            **conn.status(),
+            "proxy": self.fallback.proxy_status(conn.peer_id),
+            "relayed_sent_bytes": sent,
+            "relayed_received_bytes": received,
+        }
 
     def explain(self, name: str) -> dict[str, Any] | None:
         """Why a peer is on its path: NAT facts, candidates, the attempts and their results."""
@@ -618,6 +633,15 @@ class Agent:
             "controlling": self.fallback.controlling(conn),
             "history": self.fallback.explain(conn.peer_id),
         }
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # aioice retransmits STUN on timers that may fire after their socket closed (a finished probe,
+    # a dropped relay): harmless, and not worth a traceback in the agent's log.
+    if "Transaction.__retry" in repr(context.get("handle")):
+        log.debug("late STUN retransmission on a closed ICE socket ignored")
+        return
+    loop.default_exception_handler(context)
 
 
 def _iso(ts: float) -> str | None:

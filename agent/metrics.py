@@ -36,6 +36,9 @@ class AgentCollector(Collector):
         rx = CounterMetricFamily("starling_agent_peer_received_bytes", "Bytes received from a peer", labels=["peer"])
         tx = CounterMetricFamily("starling_agent_peer_sent_bytes", "Bytes sent to a peer", labels=["peer"])
         changes = CounterMetricFamily("starling_agent_path_changes", "Path state changes per peer", labels=["peer"])
+        relayed = CounterMetricFamily(
+            "starling_agent_relayed_bytes", "Bytes carried through a TURN relay", labels=["peer", "direction"]
+        )
         for p in peers:
             path.add_metric([p["name"], p["path"]], 1)
             if p.get("last_handshake"):
@@ -43,7 +46,9 @@ class AgentCollector(Collector):
             rx.add_metric([p["name"]], p["rx_bytes"])
             tx.add_metric([p["name"]], p["tx_bytes"])
             changes.add_metric([p["name"]], p["path_changes"])
-        yield from (path, age, rx, tx, changes)
+            relayed.add_metric([p["name"], "sent"], p.get("relayed_sent_bytes", 0))
+            relayed.add_metric([p["name"], "received"], p.get("relayed_received_bytes", 0))
+        yield from (path, age, rx, tx, changes, relayed)
         for service in ("management", "signal"):
             gauge = GaugeMetricFamily(f"starling_agent_{service}_connected", f"1 when the {service} connection is up")
             gauge.add_metric([], 1 if st.get(service, {}).get("connected") else 0)
@@ -53,6 +58,9 @@ class AgentCollector(Collector):
         for s in FIREWALL_STATES:
             fw.add_metric([s], 1 if s == state else 0)
         yield fw
+        mapped = GaugeMetricFamily("starling_agent_public_mapping_known", "1 when STUN told us our public mapping")
+        mapped.add_metric([], 1 if (st.get("nat", {}).get("reflexive") or {}).get("address") else 0)
+        yield mapped
         serial = GaugeMetricFamily("starling_agent_map_serial", "Serial of the network map in use")
         serial.add_metric([], st.get("map_serial", -1))
         yield serial

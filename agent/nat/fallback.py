@@ -62,6 +62,8 @@ class PeerNat:
     probe_answer: asyncio.Future[IceParams] | None = None
     switching_since: float = 0.0  # > 0: WireGuard points direct again, proxy kept until confirmed
     rx_at_switch: int = 0
+    relayed_sent: int = 0  # bytes through closed relay proxies (the open one adds its own counters)
+    relayed_received: int = 0
     history: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
 
     def note(self, text: str) -> None:
@@ -75,6 +77,7 @@ class Fallback:
     def __init__(self, agent: Any) -> None:
         self.agent = agent  # the daemon: signal, map, backend, reflexive, conns (duck-typed)
         self.peers: dict[str, PeerNat] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ----- helpers ----------------------------------------------------------------------------
     def state(self, conn: PeerConnection) -> PeerNat:
@@ -197,6 +200,9 @@ class Fallback:
     async def _connect(self, conn: PeerConnection, st: PeerNat, session: IceSession, remote: IceParams) -> None:
         used = await session.set_remote(remote)
         st.note(f"{conn.name}: ICE with {used} remote candidates, local {session.local_types}")
+        if session.turn_error:
+            st.note(f"{conn.name}: no relay candidate: {session.turn_error}")
+            conn.last_error = session.turn_error
         pair = await session.connect(ICE_LIMIT)
         for desc, result in session.pairs_tried:
             st.history.append(f"    pair {desc}: {result}")
@@ -219,7 +225,8 @@ class Fallback:
 
     def _failed(self, conn: PeerConnection, st: PeerNat, why: str) -> None:
         st.failures += 1
-        conn.last_error = f"ICE failed: {why}"
+        turn_error = st.session.turn_error if st.session is not None else None
+        conn.last_error = f"ICE failed: {why}" + (f" ({turn_error})" if turn_error else "")
         st.note(f"{conn.name}: ICE attempt {st.failures} failed: {why}")
 
     # ----- direct re-probe while relayed ------------------------------------------------------
@@ -227,7 +234,7 @@ class Fallback:
         st = self.state(conn)
         await self.agent.refresh_reflexive()
         if st.probe is not None:
-            await st.probe.close()
+            self._close_later(st.probe)
         probe = st.probe = await self._session(conn, controlling=True, with_turn=False)
         try:
             async with asyncio.timeout(GATHER_LIMIT + 1):
@@ -246,8 +253,7 @@ class Fallback:
         except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
             log.debug("%s: direct probe failed: %s", conn.name, exc)
         finally:
-            with contextlib.suppress(Exception):
-                await probe.close()
+            self._close_later(probe)
             st.probe = None
 
     async def _probe_answer(self, conn: PeerConnection, remote: IceParams) -> None:
@@ -266,8 +272,7 @@ class Fallback:
         except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
             log.debug("%s: direct probe (answer) failed: %s", conn.name, exc)
         finally:
-            with contextlib.suppress(Exception):
-                await probe.close()
+            self._close_later(probe)
 
     async def _switch_direct(self, conn: PeerConnection, st: PeerNat) -> None:
         target = conn.best_direct()
@@ -306,6 +311,9 @@ class Fallback:
     # ----- teardown ---------------------------------------------------------------------------
     async def _drop_proxy(self, conn: PeerConnection, st: PeerNat, close_session: bool = True) -> None:
         if st.proxy is not None:
+            if st.proxy.pair.relayed:
+                st.relayed_sent += st.proxy.to_peer_bytes
+                st.relayed_received += st.proxy.from_peer_bytes
             st.proxy.close()
             st.proxy = None
         st.switching_since = 0.0
@@ -317,8 +325,20 @@ class Fallback:
     async def _close_session(self, st: PeerNat) -> None:
         if st.session is not None:
             session, st.session = st.session, None
+            self._close_later(session)
+
+    def _close_later(self, session: IceSession) -> None:
+        """Close in the background: deleting a TURN allocation waits for the server, which may be the
+        very thing that just died (~40 s of retries). The watchdog must never wait for that."""
+
+        async def close() -> None:
             with contextlib.suppress(Exception):
-                await session.close()
+                async with asyncio.timeout(10):
+                    await session.close()
+
+        task = asyncio.create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def path_lost(self, conn: PeerConnection) -> None:
         """The proxied path stopped carrying handshakes: back to direct attempts, then ICE again."""
@@ -348,6 +368,8 @@ class Fallback:
     async def close(self) -> None:
         for peer_id in list(self.peers):
             await self.forget(peer_id)
+        if self._closing:  # give TURN allocations a moment to be deleted on the way out
+            await asyncio.wait(list(self._closing), timeout=2)
 
     def explain(self, peer_id: str) -> list[str]:
         st = self.peers.get(peer_id)
@@ -356,3 +378,13 @@ class Fallback:
     def proxy_status(self, peer_id: str) -> dict[str, Any] | None:
         st = self.peers.get(peer_id)
         return st.proxy.status() if st and st.proxy else None
+
+    def relayed_bytes(self, peer_id: str) -> tuple[int, int]:
+        """(sent, received) through TURN relays for this peer since it joined our map."""
+        st = self.peers.get(peer_id)
+        if st is None:
+            return 0, 0
+        sent, received = st.relayed_sent, st.relayed_received
+        if st.proxy is not None and st.proxy.pair.relayed:
+            sent, received = sent + st.proxy.to_peer_bytes, received + st.proxy.from_peer_bytes
+        return sent, received

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioice
+import aioice.turn
 from aioice.ice import CandidatePair, StunProtocol
 
 log = logging.getLogger("starling.agent.ice")
@@ -129,11 +130,36 @@ class IceSession:
         self.controlling = controlling
         self.turn_server = turn_server
         self.pairs_tried: list[tuple[str, str]] = []  # (pair description, result) for `starling explain`
+        self.turn_error: str | None = None  # why we have no relay candidate, when TURN is configured
 
     async def gather(self) -> IceParams:
         await self.connection.gather_candidates()
+        if self.turn_server is not None and "relay" not in self.local_types:
+            self.turn_error = await self._turn_diagnosis()
         cands = [c.to_sdp() for c in self.connection.local_candidates]
         return IceParams(self.connection.local_username, self.connection.local_password, cands)
+
+    async def _turn_diagnosis(self) -> str:
+        """aioice drops the reason a TURN allocation failed; ask once more to be able to say why."""
+        assert self.turn_server is not None
+        where = f"TURN {self.turn_server[0]}:{self.turn_server[1]}"
+        try:
+            async with asyncio.timeout(3):
+                transport, _ = await aioice.turn.create_turn_endpoint(
+                    asyncio.DatagramProtocol,
+                    server_addr=self.turn_server,
+                    username=self.connection.turn_username,
+                    password=self.connection.turn_password,
+                )
+            transport.close()
+            return f"{where}: allocation failed during gathering, works now"
+        except TimeoutError:
+            return f"{where}: no answer (server down or unreachable)"
+        except Exception as exc:  # any failure is the diagnosis
+            text = str(exc)
+            if "401" in text:
+                return f"{where}: credentials refused ({text}); is the coordinator's TURN secret coturn's?"
+            return f"{where}: {text or type(exc).__name__}"
 
     @property
     def local_types(self) -> list[str]:

@@ -40,10 +40,7 @@ def is_stun(data: bytes) -> bool:
     and no WireGuard message is as short as 20 bytes: the two can never be confused.
     """
     return (
-        len(data) >= 20
-        and data[0] < 0x40
-        and data[4:8] == STUN_COOKIE
-        and (data[2] << 8 | data[3]) == len(data) - 20
+        len(data) >= 20 and data[0] < 0x40 and data[4:8] == STUN_COOKIE and (data[2] << 8 | data[3]) == len(data) - 20
     )
 
 

@@ -141,6 +141,12 @@ def test_matrix(nat_mesh: Mesh, a: str, b: str, expected: str) -> None:
         assert status["proxied"] and status["relay_server"], status
         assert "relay" in f"{status['local_candidate']} {status['remote_candidate']}", status
     tcp_transfer(nat_mesh, a, b)
+    relayed = path_of(nat_mesh, a, b)["relayed_sent_bytes"]
+    if expected == "direct":
+        assert relayed == 0
+    else:
+        # Whichever side holds the allocation, 2 MB went through a relay proxy on one of the two ends.
+        assert int(relayed) + int(path_of(nat_mesh, b, a)["relayed_received_bytes"]) > 0
 
 
 def test_status_shows_nat_facts(nat_mesh: Mesh) -> None:
@@ -170,6 +176,40 @@ def test_direct_pairs_survive_coturn_dying(nat_mesh: Mesh) -> None:
         coturn.start()
 
 
+def scrape(mesh: Mesh, name: str) -> str:
+    agent = mesh.agents[name]
+    code = (
+        "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9586/metrics',timeout=5).read().decode())"
+    )
+    return agent.host.exec("python3", "-c", code).stdout
+
+
+def test_metrics_show_paths_and_relayed_bytes(nat_mesh: Mesh) -> None:
+    text = scrape(nat_mesh, "s1")
+    assert 'starling_agent_peer_path{path="relayed",peer="s2"} 1.0' in text
+    assert 'starling_agent_peer_path{path="direct",peer="p"} 1.0' in text
+    sent = [line for line in text.splitlines() if line.startswith("starling_agent_relayed_bytes_total{")]
+    assert any(float(line.rsplit(" ", 1)[1]) > 0 for line in sent), sent
+    assert "starling_agent_public_mapping_known 1.0" in text
+
+
+def test_relay_outage_is_shown_and_traffic_resumes(nat_mesh: Mesh) -> None:
+    nat_mesh.wait_ping("s1", "s2", 30)
+    wait_path(nat_mesh, "s1", "s2", "relayed", 15)
+    coturn: CoturnProcess = nat_mesh.coturn  # type: ignore[attr-defined]
+    coturn.stop()
+    try:
+        # The allocation is gone: nothing arrives through it, the agent says so instead of "relayed".
+        wait_for(lambda: path_of(nat_mesh, "s1", "s2").get("path") != "relayed", 25, what="relay loss noticed")
+        status = path_of(nat_mesh, "s1", "s2")
+        assert status["last_error"], status
+        assert nat_mesh.agents["s1"].status()["peers"]  # the agent keeps answering
+    finally:
+        coturn.start()
+    nat_mesh.wait_ping("s1", "s2", 40, what="s1 -> s2 after the relay came back")
+    wait_path(nat_mesh, "s1", "s2", "relayed", 15)
+
+
 def test_symmetric_nat_turning_eim_upgrades_to_direct(nat_mesh: Mesh) -> None:
     lab: NatLab = nat_mesh.lab  # type: ignore[assignment]
     nat_mesh.wait_ping("s1", "s2", 30)
@@ -181,3 +221,53 @@ def test_symmetric_nat_turning_eim_upgrades_to_direct(nat_mesh: Mesh) -> None:
     upgraded = time.monotonic() - started
     assert nat_mesh.can_ping("s1", "s2")
     print(f"relay -> direct upgrade after {upgraded:.1f} s (goal 10 s; bench/dataplane measures it)")
+
+
+def test_wrong_turn_secret_is_reported_not_fatal(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The coordinator hands out TURN credentials coturn refuses: two peers behind symmetric NATs
+    cannot connect, and both agents say exactly why (and keep running)."""
+    workdir = tmp_path_factory.mktemp("natbad")
+    with natlab() as lab:
+        coturn = CoturnProcess(workdir / "coturn", lab.public_gateway, secret=secrets.token_urlsafe(24))
+        coturn.start()
+        coord = CoordinatorProcess(
+            workdir=workdir / "coordinator",
+            config={
+                "mesh": {"turn_servers": [coturn.turn_url]},
+                "secrets": {"source": "config", "turn_secret": "not-the-coturn-secret"},
+            },
+            host=lab.public_gateway,
+        )
+        signal = SignalProcess(workdir / "signal", lab.public_gateway, "")
+        try:
+            coord.start()
+            signal.coordinator_url = coord.url
+            signal.start()
+            with coord.client() as api:
+                api.patch("/api/v1/settings", json={"signal_url": signal.ws_url})
+                api.post("/api/v1/groups", json={"name": "all"})
+                api.post(
+                    "/api/v1/policies",
+                    json={"name": "all", "sources": {"groups": ["all"]}, "destinations": {"groups": ["all"]}},
+                )
+            m = Mesh(lab, coord, signal, workdir)  # type: ignore[arg-type]
+            for name in ("x1", "x2"):
+                m.start_agent(name, ["all"], host=lab.add_host(name, lab.add_router(f"r{name}", "symmetric")))
+
+            def reported() -> bool:
+                return "credentials refused" in str(path_of(m, "x1", "x2").get("last_error"))
+
+            try:
+                wait_for(reported, 30, what="TURN refusal reported")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{m.diagnose('x1', 'x2')}") from None
+            assert path_of(m, "x1", "x2")["path"] in ("connecting", "lost")
+            assert not m.can_ping("x1", "x2", wait=0.5)
+            # STUN needs no credentials: the public mapping is still known.
+            assert m.agents["x1"].status()["nat"]["reflexive"]["address"]
+            explained = m.agents["x1"].cli("explain", "x2")
+            assert explained.returncode == 0 and "credentials refused" in explained.stdout, explained.stdout
+        finally:
+            signal.stop()
+            coord.stop()
+            coturn.stop()
