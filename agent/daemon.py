@@ -156,6 +156,7 @@ class Agent:
                     await self.signal.close()
             await self.api.close()
             await self.fallback.close()
+            self.reflexive.close()
             await asyncio.to_thread(self.reflexive.remove)
             if self.remove_on_exit:
                 with contextlib.suppress(FirewallError):
@@ -232,6 +233,15 @@ class Agent:
             self._address = address
         if change.firewall or self.firewall_pending:
             await self._apply_firewall()
+        if (
+            change.added
+            and self.reflexive.address is None
+            and self.reflexive.last_error is None
+            and self.stun_servers()
+        ):
+            # Learn our public mapping before the first offers, so they carry it (bounded: 1 s).
+            await self.reflexive.learn(self.stun_servers(), limit=1.0)
+            self._candidates = (0.0, [])
         await self._reconcile(change, full=change.full)
         if self.reflexive.address is None and self.stun_servers():
             self.nat_wakeup.set()
@@ -446,6 +456,7 @@ class Agent:
                 del self.pending[key]
             return
         conn = self.conns[pid]
+        conn.offline_until = 0.0
         if kind in NAT_KINDS:
             await self.fallback.on_message(conn, kind, body)
             return

@@ -100,6 +100,7 @@ class PeerConnection:
     next_offer_at: float = 0.0
     offer_backoff: float = 1.0
     last_error: str | None = None
+    offline_until: float = 0.0  # monotonic: signal said the peer is not connected (no ICE until then)
     stale_before: float = 0.0  # handshakes at or before this time belong to a path that was lost
     first_endpoint_at: float = 0.0  # monotonic time of the first direct attempt of this round
     wg_endpoint: str | None = None  # where WireGuard last heard from the peer
@@ -185,6 +186,7 @@ class PeerConnection:
         """Signal says the peer is not connected: wait for its own offer (it sends one on connect)."""
         self.next_offer_at = mono_now + 30.0
         self.offer_backoff = 30.0
+        self.offline_until = mono_now + 30.0
 
     def status(self) -> dict[str, Any]:
         return {

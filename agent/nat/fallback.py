@@ -34,7 +34,7 @@ from agent.nat.stun import parse_server
 from agent.peers import PathState, PeerConnection
 
 log = logging.getLogger("starling.agent.nat")
-DIRECT_TIMEOUT = 2.0  # s without a handshake on the direct candidates before ICE starts
+DIRECT_TIMEOUT = 1.2  # s without a handshake on the direct candidates before ICE starts
 ICE_LIMIT = 8.0  # s for one ICE connect()
 GATHER_LIMIT = 4  # s for STUN/TURN gathering (aioice's unit is whole seconds)
 UPGRADE_INTERVAL = 5.0  # s between direct re-probes while on the relay
@@ -125,6 +125,8 @@ class Fallback:
             return False
         if conn.state not in (PathState.CONNECTING, PathState.LOST) or not conn.candidates:
             return False
+        if mono < conn.offline_until:
+            return False  # signal says the peer is not there: it offers to us when it comes back
         return conn.endpoint_set_at > 0 and mono - conn.first_endpoint_at >= DIRECT_TIMEOUT
 
     async def tick(self, conn: PeerConnection, mono: float) -> None:
@@ -161,7 +163,7 @@ class Fallback:
                 # Keep a packet going each way while the NATs open: the first one may meet a closed hole.
                 await self.agent.nudge(conn)
             return
-        if st.proxy.pair.relayed and self.controlling(conn) and mono >= st.next_probe:
+        if self.controlling(conn) and mono >= st.next_probe:
             st.next_probe = mono + UPGRADE_INTERVAL
             if st.task is None or st.task.done():
                 st.task = asyncio.create_task(self._probe(conn))
@@ -209,6 +211,10 @@ class Fallback:
         await self._use_pair(conn, st, pair)
 
     async def _use_pair(self, conn: PeerConnection, st: PeerNat, pair: SelectedPair) -> None:
+        if conn.state == PathState.DIRECT and not conn.proxied:
+            st.note(f"{conn.name}: ICE selected {pair.describe()}, but WireGuard already works directly: kept")
+            await self._close_session(st)
+            return
         await self._drop_proxy(conn, st, close_session=False)
         proxy = PairProxy(pair, self.agent.port)
         port = await proxy.start()
@@ -222,6 +228,12 @@ class Fallback:
         conn.relay_server = st.relay_server if pair.relayed else None
         st.note(f"{conn.name}: ICE selected {pair.describe()} ({'relayed' if pair.relayed else 'direct'} via proxy)")
         await self.agent.point_wireguard(conn, f"127.0.0.1:{port}", fresh=True)
+        if not pair.relayed:
+            # A direct pair works between the ICE sockets: WireGuard can most likely go direct by
+            # itself too. Try it with the proxy as the safety net (Python stays off the data path).
+            await self.agent.refresh_reflexive()
+            await self.agent.send_offer(conn)
+            st.next_probe = time.monotonic() + 1.0
 
     def _failed(self, conn: PeerConnection, st: PeerNat, why: str) -> None:
         st.failures += 1

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.firewall.model import FirewallError
 from agent.firewall.nft import Nft
-from agent.nat.stun import StunError, binding
+from agent.nat.stun import StunClient, StunError
 
 log = logging.getLogger("starling.agent.nat")
 TABLE = "starling-stun"
@@ -75,49 +75,60 @@ class ReflexiveProbe:
         self.server: str | None = None
         self.learned_at = 0.0
         self.last_error: str | None = None
+        self._client: StunClient | None = None
+        self._lock = asyncio.Lock()
 
-    def _bind(self) -> socket.socket:
+    def _open(self) -> StunClient:
+        """The probe socket (one port for the agent's lifetime) and the SNAT rule for it.
+
+        One port matters: a second probe flow to the same server would be rewritten to the same
+        (WireGuard port, server) tuple, conntrack would pick another source port to keep the
+        tuples unique, and the server would see a port WireGuard never uses.
+        """
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind(("0.0.0.0", self.probe_port))
-        except OSError:
-            sock.close()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("0.0.0.0", 0))
+        sock.bind(("0.0.0.0", 0))
         sock.setblocking(False)
-        port = sock.getsockname()[1]
-        if port != self.probe_port or not self.mapped:
-            self.probe_port = port
-            try:
-                self.nft.apply(snat_table(port, self.wg_port))
-                self.mapped = True
-            except FirewallError as exc:
-                self.mapped = False
-                log.warning("STUN probe not mapped to the WireGuard port (nftables: %s)", exc)
-        return sock
+        self.probe_port = sock.getsockname()[1]
+        try:
+            self.nft.apply(snat_table(self.probe_port, self.wg_port))
+            self.mapped = True
+        except FirewallError as exc:
+            self.mapped = False
+            log.warning("STUN probe not mapped to the WireGuard port (nftables: %s)", exc)
+        return StunClient(sock)
 
     async def learn(self, servers: list[tuple[str, int]], limit: float = 2.0) -> str | None:
-        """Ask the servers in turn; returns the new address, or None (the last one stays, error noted)."""
-        errors = []
-        for server in servers:
-            sock = await asyncio.to_thread(self._bind)
-            try:
-                ip, port = await binding(sock, server, limit=limit)
-            except (StunError, OSError) as exc:
-                errors.append(f"{server[0]}:{server[1]}: {exc}")
-                continue
-            if not self.mapped:
-                port = self.wg_port  # best guess: port-preserving NAT or none
-            address = f"{ip}:{port}"
-            if address != self.address:
-                log.info("WireGuard port %s seen as %s by %s:%s", self.wg_port, address, *server)
-            self.address, self.server = address, f"{server[0]}:{server[1]}"
-            self.learned_at, self.last_error = time.time(), None
-            return address
-        self.last_error = "; ".join(errors) or "no STUN server in the network map"
-        return None
+        """Ask the servers in turn; returns the new address, or None (the last one stays, error noted).
+        Calls are serialized: one probe flow at a time."""
+        async with self._lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(self._open)
+            errors = []
+            for server in servers:
+                try:
+                    ip, port = await self._client.binding(server, limit=limit)
+                except (StunError, OSError) as exc:
+                    errors.append(f"{server[0]}:{server[1]}: {exc}")
+                    continue
+                if not self.mapped:
+                    port = self.wg_port  # best guess: port-preserving NAT or none
+                address = f"{ip}:{port}"
+                if address != self.address:
+                    log.info("WireGuard port %s seen as %s by %s:%s", self.wg_port, address, *server)
+                self.address, self.server = address, f"{server[0]}:{server[1]}"
+                self.learned_at, self.last_error = time.time(), None
+                return address
+            self.last_error = "; ".join(errors) or "no STUN server in the network map"
+            return None
+
+    def close(self) -> None:
+        """Close the probe socket (on the event loop)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def remove(self) -> None:
+        """Delete the SNAT table (blocking: run it in a thread)."""
         table = {"family": "ip", "name": TABLE}
         try:
             self.nft.apply([{"add": {"table": table}}, {"delete": {"table": table}}])

@@ -32,43 +32,69 @@ def parse_server(url: str, default_port: int = 3478) -> tuple[str, int]:
         raise ValueError(f"bad STUN/TURN server URL {url!r}") from exc
 
 
-class _Transaction(asyncio.DatagramProtocol):
+class _Replies(asyncio.DatagramProtocol):
     def __init__(self) -> None:
-        self.answers: asyncio.Queue[tuple[bytes, Any]] = asyncio.Queue()
+        self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.answers.put_nowait((data, addr))
+        if len(data) >= 20:
+            future = self.waiting.get(data[8:20])  # the transaction id
+            if future is not None and not future.done():
+                future.set_result(data)
+
+
+class StunClient:
+    """Binding requests from one UDP socket that stays open (and so keeps its port) between calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.transport: asyncio.DatagramTransport | None = None
+        self.protocol: _Replies | None = None
+
+    async def binding(self, server: tuple[str, int], *, limit: float = 2.0, rto: float = 0.25) -> tuple[str, int]:
+        if self.transport is None:
+            loop = asyncio.get_running_loop()
+            self.transport, self.protocol = await loop.create_datagram_endpoint(_Replies, sock=self.sock)
+        assert self.protocol is not None
+        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        request.add_fingerprint()
+        payload = bytes(request)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.protocol.waiting[request.transaction_id] = future
+        try:
+            async with asyncio.timeout(limit):
+                wait = rto
+                while True:
+                    self.transport.sendto(payload, server)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            answer = _match(await asyncio.shield(future), request.transaction_id)
+                            if answer is not None:
+                                return answer
+                            raise StunError("STUN answer without a mapped address")
+                    wait = min(wait * 2, 1.0)
+        except TimeoutError:
+            raise StunError(f"no STUN answer from {server[0]}:{server[1]} within {limit:g} s") from None
+        finally:
+            self.protocol.waiting.pop(request.transaction_id, None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self.sock.close()
+        self.transport = self.protocol = None
 
 
 async def binding(
     sock: socket.socket, server: tuple[str, int], *, limit: float = 2.0, rto: float = 0.25
 ) -> tuple[str, int]:
-    """Send binding requests from `sock` (an unconnected, bound UDP socket) until one is answered.
-
-    The socket is consumed: asyncio owns it for the transaction and closes it at the end.
-    """
-    loop = asyncio.get_running_loop()
-    request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    request.add_fingerprint()
-    payload = bytes(request)
-    transport, protocol = await loop.create_datagram_endpoint(_Transaction, sock=sock)
+    """One binding request from `sock` (bound, non-blocking UDP), which is closed afterwards."""
+    client = StunClient(sock)
     try:
-        async with asyncio.timeout(limit):
-            wait = rto
-            while True:
-                transport.sendto(payload, server)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        while True:
-                            data, _addr = await protocol.answers.get()
-                            answer = _match(data, request.transaction_id)
-                            if answer is not None:
-                                return answer
-                wait = min(wait * 2, 1.0)
-    except TimeoutError:
-        raise StunError(f"no STUN answer from {server[0]}:{server[1]} within {limit:g} s") from None
+        return await client.binding(server, limit=limit, rto=rto)
     finally:
-        transport.abort()
+        client.close()
 
 
 def _match(data: bytes, transaction_id: bytes) -> tuple[str, int] | None:
