@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,8 @@ class Agent:
         self.reflexive = ReflexiveProbe(config.port)
         self.nat_wakeup = asyncio.Event()
         self.fallback = Fallback(self)
+        self._reoffer_pending = False  # our candidates changed while signal was down
+        self.map_redial = asyncio.Event()  # set: drop the map stream now and reconnect (roaming)
         self._followers: set[asyncio.Task[None]] = set()
 
     @property
@@ -196,7 +199,7 @@ class Agent:
         delays = backoff_delays()
         while True:
             try:
-                async for event, data in self.api.stream():
+                async for event, data in _until(self.api.stream(), self.map_redial):
                     if event in ("map", "delta"):
                         if not self.management.connected:
                             self.management.set(True)
@@ -209,6 +212,11 @@ class Agent:
                         return
                     elif event == "closed":
                         raise CoordinatorError("stream replaced by another connection of this peer")
+                if self.map_redial.is_set():
+                    self.map_redial.clear()
+                    self.management.set(False, "the underlay network changed: reconnecting")
+                    delays = backoff_delays()
+                    continue
                 raise CoordinatorError("map stream ended")
             except MapGap as exc:
                 log.warning("%s: reconnecting for a full map", exc)
@@ -429,7 +437,8 @@ class Agent:
             log.info("%s: offering new candidates to %d peers", why, len(self.conns))
         for conn in list(self.conns.values()):
             conn.next_offer_at, conn.offer_backoff = 0.0, 1.0
-            await self._offer(conn, "offer")
+            if not await self._offer(conn, "offer"):
+                self._reoffer_pending = True  # signal is down (redialling): offer when it is back
 
     def local_nets(self) -> list[ipaddress.IPv4Network]:
         nets = []
@@ -469,7 +478,14 @@ class Agent:
         entry = self.map.peers.get(conn.peer_id)
         if endpoint is None or entry is None:
             return
-        if self.fallback.controlling(conn) or conn.state in (PathState.DIRECT, PathState.RELAYED):
+        log.debug("%s: WireGuard endpoint -> %s (%s)", conn.name, endpoint, conn.state.value)
+        if conn.state in (PathState.DIRECT, PathState.RELAYED):
+            # The peer moved (roaming, new public mapping): send to its new address now, which also
+            # opens our NAT for it; an idle tunnel would otherwise wait for the next keepalive.
+            await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+            await self.nudge(conn)
+            return
+        if self.fallback.controlling(conn):
             await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
             return
         # The controlled side follows FOLLOW_DELAY later. Two handshake initiations that cross each
@@ -522,9 +538,10 @@ class Agent:
         try:
             while True:
                 connected = bool(self.signal.connected)
-                if connected and not self.signal_status.connected:
+                if connected and (self._reoffer_pending or not self.signal_status.connected):
+                    everyone, self._reoffer_pending = self._reoffer_pending, False
                     for conn in list(self.conns.values()):  # (re)connected: offer to everyone waiting now
-                        if conn.state not in (PathState.DIRECT, PathState.RELAYED):
+                        if everyone or conn.state not in (PathState.DIRECT, PathState.RELAYED):
                             conn.next_offer_at, conn.offer_backoff = 0.0, 1.0
                             await self._offer(conn, "offer")
                 self.signal_status.set(connected, self.signal.last_error)
@@ -543,6 +560,17 @@ class Agent:
             hosts = sorted(c.address for c in await asyncio.to_thread(self.host_candidates) if c.kind == "host")
             if self._offered_hosts is not None and hosts != self._offered_hosts:
                 self.nat_wakeup.set()  # new underlay address: learn the new public mapping too
+                # Connections made from an address we no longer have are dead, though TCP has not
+                # noticed: dial the coordinator and signal again right away.
+                if set(self._offered_hosts) - set(hosts):
+                    self.map_redial.set()
+                    if self.signal is not None:
+                        self.signal.redial("underlay addresses changed")
+                    # wireguard-go remembers the source address it last used per peer ("sticky
+                    # sockets") and keeps trying the one that is gone; setting the endpoint again
+                    # forgets it, and the keepalive that follows reopens our NAT for the peer.
+                    for conn in list(self.conns.values()):
+                        await self.nudge(conn)
                 self._offered_hosts = hosts
                 await self._reoffer_all("underlay addresses changed")
             self._offered_hosts = hosts
@@ -639,11 +667,35 @@ class Agent:
             return None
         return {
             "peer": self._peer_status(conn),
-            "our_candidates": [c.to_wire() for c in self.host_candidates()],
+            "our_candidates": [c.to_wire() for c in self._candidates[1]],  # cache: no netlink on the loop
             "reflexive": self.reflexive.status(),
             "controlling": self.fallback.controlling(conn),
             "history": self.fallback.explain(conn.peer_id),
         }
+
+
+async def _until(stream: AsyncIterator[Any], stop: asyncio.Event) -> AsyncIterator[Any]:
+    """Items of `stream` until it ends or `stop` is set (a pending read is cancelled, not awaited)."""
+    it = stream.__aiter__()
+    try:
+        while True:
+            nxt = asyncio.ensure_future(it.__anext__())
+            waiter = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({nxt, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if nxt not in done:
+                nxt.cancel()
+                with contextlib.suppress(BaseException):
+                    await nxt
+                return
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        with contextlib.suppress(Exception):
+            await it.aclose()  # type: ignore[attr-defined]
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -197,6 +197,8 @@ class SignalClient:
         self._ping_timeout = ping_timeout
         self._ssl = ssl
         self._ws: ClientConnection | None = None
+        self._attempt: asyncio.Task[None] | None = None
+        self._redial = False
         self._max_frame = 64 * 1024
         self._stop = asyncio.Event()
         self._running = False
@@ -221,7 +223,7 @@ class SignalClient:
         self._finished.clear()
         try:
             while not self._stop.is_set():
-                attempt = asyncio.create_task(self._connect_once(), name="signal-connect")
+                attempt = self._attempt = asyncio.create_task(self._connect_once(), name="signal-connect")
                 stopper = asyncio.create_task(self._stop.wait())
                 try:
                     await asyncio.wait({attempt, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -234,7 +236,8 @@ class SignalClient:
                     await asyncio.gather(attempt, stopper, return_exceptions=True)
                 if self._stop.is_set():
                     break
-                delay = self._next_delay()
+                delay = 0.0 if self._redial else self._next_delay()
+                self._redial = False
                 log.debug("signal: next connection attempt in %.2fs", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
@@ -268,6 +271,18 @@ class SignalClient:
             return False
         self.stats["sent"] += 1
         return True
+
+    def redial(self, reason: str) -> None:
+        """Drop the connection now and dial again at once: the network under it changed (roaming),
+        so the TCP connection is probably dead although nothing has noticed yet."""
+        attempt = self._attempt
+        if attempt is not None and not attempt.done():
+            log.info("signal %s: reconnecting (%s)", self.url, reason)
+            self._redial = True
+            transport = getattr(self._ws, "transport", None)
+            if transport is not None:
+                transport.abort()  # no closing handshake over a path that no longer exists
+            attempt.cancel()
 
     async def close(self) -> None:
         """Stop `run()` and close the connection (idempotent)."""

@@ -210,6 +210,28 @@ def test_relay_outage_is_shown_and_traffic_resumes(nat_mesh: Mesh) -> None:
     wait_path(nat_mesh, "s1", "s2", "relayed", 15)
 
 
+def test_roaming_to_another_network_recovers(nat_mesh: Mesh) -> None:
+    """e1 moves to another NAT'ed network (new address, new public mapping): the pair recovers."""
+    lab: NatLab = nat_mesh.lab  # type: ignore[assignment]
+    nat_mesh.wait_ping("e1", "e2", 30)
+    wait_path(nat_mesh, "e1", "e2", "direct", 10)
+    host = nat_mesh.agents["e1"].host
+    router = lab.add_router("re1b", "eim")
+    started = time.monotonic()
+    lab.move_host(host, router)  # type: ignore[arg-type]
+    moved = time.monotonic() - started
+    nat_mesh.wait_ping("e1", "e2", 20, what="e1 -> e2 after roaming")
+    recovered = time.monotonic() - started
+    assert nat_mesh.can_ping("e2", "e1")
+    new_wan = lab.router("re1b").wan_ip
+    wait_for(
+        lambda: str(path_of(nat_mesh, "e2", "e1").get("endpoint", "")).startswith(new_wan + ":"),
+        10,
+        what="e2 sends to e1's new public address",
+    )
+    print(f"roaming recovered after {recovered:.1f} s (goal 5 s; re-plugging took {moved:.1f} s)")
+
+
 def test_symmetric_nat_turning_eim_upgrades_to_direct(nat_mesh: Mesh) -> None:
     lab: NatLab = nat_mesh.lab  # type: ignore[assignment]
     nat_mesh.wait_ping("s1", "s2", 30)
