@@ -26,12 +26,14 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.nat.ice import IceParams, IceSession, SelectedPair
-from agent.nat.relay import PairProxy
 from agent.nat.stun import parse_server
 from agent.peers import PathState, PeerConnection
+
+if TYPE_CHECKING:  # aioice is imported on first use: it costs ~0.1 s of every agent start
+    from agent.nat.ice import IceParams, IceSession, SelectedPair
+    from agent.nat.relay import PairProxy
 
 log = logging.getLogger("starling.agent.nat")
 DIRECT_TIMEOUT = 1.2  # s without a handshake on the direct candidates before ICE starts
@@ -107,6 +109,8 @@ class Fallback:
             st.relay_server = (
                 f"{servers['turn_server'][0]}:{servers['turn_server'][1]}" if servers["turn_server"] else None
             )
+        from agent.nat.ice import IceSession
+
         return IceSession(
             controlling=controlling, address_filter=self.agent.ice_address_ok, head_start=HEAD_START, **servers
         )
@@ -215,6 +219,8 @@ class Fallback:
             st.note(f"{conn.name}: ICE selected {pair.describe()}, but WireGuard already works directly: kept")
             await self._close_session(st)
             return
+        from agent.nat.relay import PairProxy
+
         await self._drop_proxy(conn, st, close_session=False)
         proxy = PairProxy(pair, self.agent.port)
         port = await proxy.start()
@@ -303,6 +309,8 @@ class Fallback:
                 st.next_attempt = time.monotonic() + 2.0
                 st.task = asyncio.create_task(self._negotiate(conn))
             return
+        from agent.nat.ice import IceParams
+
         try:
             params = IceParams.from_wire(body)
         except ValueError as exc:

@@ -10,6 +10,7 @@ while pairs are direct (no loss), and a symmetric NAT becomes endpoint-independe
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import time
@@ -230,6 +231,90 @@ def test_roaming_to_another_network_recovers(nat_mesh: Mesh) -> None:
         what="e2 sends to e1's new public address",
     )
     print(f"roaming recovered after {recovered:.1f} s (goal 5 s; re-plugging took {moved:.1f} s)")
+
+
+def test_malformed_nat_messages_from_a_peer_change_nothing(nat_mesh: Mesh) -> None:
+    """A real, enrolled peer (its own key, through signal, end-to-end encrypted) sends garbage ICE
+    parameters and unusable candidates to s1: s1 refuses them, says so in `explain`, keeps its paths."""
+    import asyncio
+    import base64
+
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+    from agent.signal_client import SignalClient
+    from agent.signal_crypto import SignalCrypto
+
+    key = X25519PrivateKey.generate()
+    private = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    public = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+    setup_key = nat_mesh.setup_key(["all"], "key-mallory")
+    r = httpx.post(
+        nat_mesh.coordinator.url + "/api/v1/enroll",
+        json={"setup_key": setup_key, "public_key": public, "hostname": "mallory"},
+        timeout=15,
+    )
+    assert r.status_code == 200, r.text
+    credential = r.json()["credential"]
+    target = nat_mesh.agents["s1"].status()["public_key"]
+    wait_for(lambda: bool(nat_mesh.agents["s1"].peer_status("mallory")), 10, what="mallory in s1's map")
+
+    async def send_garbage() -> None:
+        async def token() -> str:
+            async with httpx.AsyncClient(base_url=nat_mesh.coordinator.url, timeout=10) as http:
+                resp = await http.post("/api/v1/peer/signal-token", headers={"Authorization": f"Bearer {credential}"})
+                return str(resp.json()["token"])
+
+        async def ignore(*_: object) -> None:
+            return None
+
+        client = SignalClient(nat_mesh.signal.ws_url, token, SignalCrypto(private), ignore, ignore)
+        runner = asyncio.create_task(client.run())
+        try:
+            for _ in range(100):
+                if client.connected:
+                    break
+                await asyncio.sleep(0.05)
+            assert client.connected
+            junk = [
+                (
+                    "offer",
+                    {
+                        "candidates": [
+                            {"address": "127.0.0.1:51820"},
+                            {"address": "100.64.0.9:1"},
+                            {"address": "198.19.0.1:0"},
+                            {"address": "not-an-address"},
+                            7,
+                        ]
+                    },
+                ),
+                ("ice-offer", {"ufrag": "x", "pwd": "short", "candidates": "nope"}),
+                ("ice-offer", {"ufrag": "abcd", "pwd": "p" * 22, "candidates": ["garbage sdp"] * 40}),
+                ("probe-offer", {"ufrag": None}),
+                ("no-such-kind", {"a": 1}),
+            ]
+            for kind, body in junk:
+                assert await client.send(target, kind, body)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="too large"):
+                await client.send(target, "offer", {"pad": "x" * 200_000})
+            await asyncio.sleep(1.0)
+        finally:
+            await client.close()
+            runner.cancel()
+
+    asyncio.run(send_garbage())
+    explained = nat_mesh.agents["s1"].cli("explain", "mallory", "--json")
+    assert explained.returncode == 0, explained.stderr
+    doc = json.loads(explained.stdout)
+    assert doc["peer"]["candidates"] == []  # loopback, overlay, port 0 and nonsense: all dropped
+    assert any("refused ice-offer" in line for line in doc["history"]), doc["history"]
+    # s1 is unharmed: its other paths still work.
+    nat_mesh.wait_ping("s1", "e1", 15)
+    nat_mesh.wait_ping("s1", "p", 15)
+    with nat_mesh.api() as api:
+        api.delete(f"/api/v1/peers/{r.json()['peer']['id']}")
 
 
 def test_symmetric_nat_turning_eim_upgrades_to_direct(nat_mesh: Mesh) -> None:
