@@ -44,6 +44,7 @@ PROBE_LIMIT = 3.0
 PROXY_SILENCE = 12.0  # s without a datagram from the peer (ICE consent checks come every ~5 s): path lost
 RETRY_CAP = 10.0  # s between ICE attempts at most (so a returning relay is used within ~10 s)
 SWITCH_GRACE = 3.0  # s the proxy stays after switching to direct, until WireGuard receives directly
+RENEW_BEFORE = 120.0  # s before our TURN credential expires: move to a new allocation
 HEAD_START = 0.8  # s head start of direct pairs over relay pairs
 KINDS = ("ice-request", "ice-offer", "ice-answer", "probe-offer", "probe-answer")
 
@@ -52,9 +53,12 @@ KINDS = ("ice-request", "ice-offer", "ice-answer", "probe-offer", "probe-answer"
 class PeerNat:
     """What the fallback knows about one peer (lives as long as the peer is in the map)."""
 
-    session: IceSession | None = None
+    session: IceSession | None = None  # the session the proxy uses
+    pending: IceSession | None = None  # a negotiation in progress (may replace `session`)
     answer: asyncio.Future[IceParams] | None = None
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # an ICE negotiation (or answer) in progress
+    probe_task: asyncio.Task[None] | None = None  # a direct re-probe in progress
+    renewals: int = 0  # moves to a new TURN allocation because the credential was ageing
     proxy: PairProxy | None = None
     relay_server: str | None = None
     next_attempt: float = 0.0
@@ -64,9 +68,10 @@ class PeerNat:
     probe_answer: asyncio.Future[IceParams] | None = None
     switching_since: float = 0.0  # > 0: WireGuard points direct again, proxy kept until confirmed
     rx_at_switch: int = 0
+    next_renewal: float = 0.0
     relayed_sent: int = 0  # bytes through closed relay proxies (the open one adds its own counters)
     relayed_received: int = 0
-    history: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
+    history: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=60))
 
     def note(self, text: str) -> None:
         self.history.append(f"{time.strftime('%H:%M:%S')} {text}")
@@ -101,6 +106,13 @@ class Fallback:
                         turn, user, password = server, relay.get("username"), relay.get("password")
         return {"stun_server": stun, "turn_server": turn, "turn_username": user, "turn_password": password}
 
+    def credential_expiry(self) -> float:
+        """Expiry (unix time) of the TURN credential the map offers now; 0 if none."""
+        for relay in self.agent.map.relays:
+            if isinstance(relay, dict) and isinstance(relay.get("expires_at"), int | float):
+                return float(relay["expires_at"])
+        return 0.0
+
     async def _session(self, conn: PeerConnection, controlling: bool, with_turn: bool = True) -> IceSession:
         await self.agent.fresh_candidates()  # the host-candidate filter reads this cache on the loop
         servers = self._servers(with_turn)
@@ -111,9 +123,11 @@ class Fallback:
             )
         from agent.nat.ice import IceSession
 
-        return IceSession(
+        session = IceSession(
             controlling=controlling, address_filter=self.agent.ice_address_ok, head_start=HEAD_START, **servers
         )
+        session.credential_expires = self.credential_expiry() if with_turn else 0.0
+        return session
 
     async def _send(self, conn: PeerConnection, kind: str, body: dict[str, Any]) -> bool:
         signal = self.agent.signal
@@ -167,16 +181,39 @@ class Fallback:
                 # Keep a packet going each way while the NATs open: the first one may meet a closed hole.
                 await self.agent.nudge(conn)
             return
+        busy = st.task is not None and not st.task.done()
+        if not busy and self._credential_ageing(st) and mono >= st.next_renewal:
+            # coturn refuses to refresh an allocation once its REST credential expired: move to a
+            # new allocation with the map's newer credential first (make before break). The side
+            # that holds the allocation notices; the controlling side negotiates.
+            st.next_renewal = mono + 5.0
+            st.renewals += 1
+            if self.controlling(conn):
+                st.note(f"{conn.name}: TURN credential expires soon: renegotiating with the new one")
+                st.task = asyncio.create_task(self._negotiate(conn))
+            else:
+                st.note(f"{conn.name}: TURN credential expires soon: asking the peer to renegotiate")
+                await self._send(conn, "ice-request", {})
+            return
         if self.controlling(conn) and mono >= st.next_probe:
             st.next_probe = mono + UPGRADE_INTERVAL
-            if st.task is None or st.task.done():
-                st.task = asyncio.create_task(self._probe(conn))
+            probing = st.probe_task is not None and not st.probe_task.done()
+            if not busy and not probing:
+                st.probe_task = asyncio.create_task(self._probe(conn))
+
+    def _credential_ageing(self, st: PeerNat) -> bool:
+        if st.session is None or st.proxy is None or st.proxy.pair.local_type != "relay":
+            return False
+        expires = st.session.credential_expires
+        return bool(expires) and expires - time.time() < RENEW_BEFORE and self.credential_expiry() > expires
 
     # ----- negotiation ------------------------------------------------------------------------
     async def _negotiate(self, conn: PeerConnection) -> None:
+        """Controlling side. A working proxy stays in use until the new pair replaces it."""
         st = self.state(conn)
-        await self._close_session(st)
-        session = st.session = await self._session(conn, controlling=True)
+        if st.proxy is None:
+            await self._close_session(st)
+        session = st.pending = await self._session(conn, controlling=True)
         try:
             async with asyncio.timeout(GATHER_LIMIT + 1):
                 params = await session.gather()
@@ -187,13 +224,16 @@ class Fallback:
                 remote = await st.answer
             await self._connect(conn, st, session, remote)
         except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
-            self._failed(conn, st, str(exc) or type(exc).__name__)
+            self._failed(conn, st, str(exc) or type(exc).__name__, session)
+        finally:
+            self._settle(st, session)
 
     async def _answer(self, conn: PeerConnection, remote: IceParams) -> None:
+        """Controlled side: same make-before-break as `_negotiate`."""
         st = self.state(conn)
-        await self._drop_proxy(conn, st)
-        await self._close_session(st)
-        session = st.session = await self._session(conn, controlling=False)
+        if st.proxy is None:
+            await self._close_session(st)
+        session = st.pending = await self._session(conn, controlling=False)
         try:
             async with asyncio.timeout(GATHER_LIMIT + 1):
                 params = await session.gather()
@@ -201,7 +241,16 @@ class Fallback:
                 raise ConnectionError("signal is not connected")
             await self._connect(conn, st, session, remote)
         except (ConnectionError, TimeoutError, OSError, ValueError) as exc:
-            self._failed(conn, st, str(exc) or type(exc).__name__)
+            self._failed(conn, st, str(exc) or type(exc).__name__, session)
+        finally:
+            self._settle(st, session)
+
+    def _settle(self, st: PeerNat, session: IceSession) -> None:
+        """A negotiation ended: its session is either in use now or closed."""
+        if st.pending is session:
+            st.pending = None
+        if st.session is not session:
+            self._close_later(session)
 
     async def _connect(self, conn: PeerConnection, st: PeerNat, session: IceSession, remote: IceParams) -> None:
         used = await session.set_remote(remote)
@@ -212,16 +261,17 @@ class Fallback:
         pair = await session.connect(ICE_LIMIT)
         for desc, result in session.pairs_tried:
             st.history.append(f"    pair {desc}: {result}")
-        await self._use_pair(conn, st, pair)
+        await self._use_pair(conn, st, pair, session)
 
-    async def _use_pair(self, conn: PeerConnection, st: PeerNat, pair: SelectedPair) -> None:
+    async def _use_pair(self, conn: PeerConnection, st: PeerNat, pair: SelectedPair, session: IceSession) -> None:
         if conn.state == PathState.DIRECT and not conn.proxied:
             st.note(f"{conn.name}: ICE selected {pair.describe()}, but WireGuard already works directly: kept")
-            await self._close_session(st)
             return
         from agent.nat.relay import PairProxy
 
-        await self._drop_proxy(conn, st, close_session=False)
+        replacing = st.proxy is not None  # WireGuard's session stays; only its endpoint moves
+        await self._drop_proxy(conn, st)
+        st.session = session
         proxy = PairProxy(pair, self.agent.port)
         port = await proxy.start()
         st.proxy, st.failures, st.switching_since = proxy, 0, 0.0
@@ -233,7 +283,7 @@ class Fallback:
         )
         conn.relay_server = st.relay_server if pair.relayed else None
         st.note(f"{conn.name}: ICE selected {pair.describe()} ({'relayed' if pair.relayed else 'direct'} via proxy)")
-        await self.agent.point_wireguard(conn, f"127.0.0.1:{port}", fresh=True)
+        await self.agent.point_wireguard(conn, f"127.0.0.1:{port}", fresh=not replacing)
         if not pair.relayed:
             # A direct pair works between the ICE sockets: WireGuard can most likely go direct by
             # itself too. Try it with the proxy as the safety net (Python stays off the data path).
@@ -241,9 +291,9 @@ class Fallback:
             await self.agent.send_offer(conn)
             st.next_probe = time.monotonic() + 1.0
 
-    def _failed(self, conn: PeerConnection, st: PeerNat, why: str) -> None:
+    def _failed(self, conn: PeerConnection, st: PeerNat, why: str, session: IceSession | None = None) -> None:
         st.failures += 1
-        turn_error = st.session.turn_error if st.session is not None else None
+        turn_error = session.turn_error if session is not None else None
         conn.last_error = f"ICE failed: {why}" + (f" ({turn_error})" if turn_error else "")
         st.note(f"{conn.name}: ICE attempt {st.failures} failed: {why}")
 
@@ -378,11 +428,13 @@ class Fallback:
         st = self.peers.pop(peer_id, None)
         if st is None:
             return
-        for task in (st.task,):
+        for task in (st.task, st.probe_task):
             if task is not None:
                 task.cancel()
         if st.proxy is not None:
             st.proxy.close()
+        if st.pending is not None:
+            self._close_later(st.pending)
         await self._close_session(st)
 
     async def close(self) -> None:
@@ -394,6 +446,10 @@ class Fallback:
     def explain(self, peer_id: str) -> list[str]:
         st = self.peers.get(peer_id)
         return list(st.history) if st else []
+
+    def renewals(self, peer_id: str) -> int:
+        st = self.peers.get(peer_id)
+        return st.renewals if st else 0
 
     def proxy_status(self, peer_id: str) -> dict[str, Any] | None:
         st = self.peers.get(peer_id)

@@ -119,7 +119,9 @@ class IceSession:
     ) -> None:
         self.connection = _Connection(
             address_filter=address_filter,
-            head_start=head_start,
+            # Only the controlling side nominates, so only its checks need the head start; delaying
+            # the controlled side's checks would only delay its own completion behind the peer's.
+            head_start=head_start if controlling else 0.0,
             ice_controlling=controlling,
             stun_server=stun_server,
             turn_server=turn_server,
@@ -131,6 +133,7 @@ class IceSession:
         self.turn_server = turn_server
         self.pairs_tried: list[tuple[str, str]] = []  # (pair description, result) for `starling explain`
         self.turn_error: str | None = None  # why we have no relay candidate, when TURN is configured
+        self.credential_expires = 0.0  # unix time the TURN credential of this session expires
 
     async def gather(self) -> IceParams:
         await self.connection.gather_candidates()

@@ -52,5 +52,15 @@ def public_view(item, keys):
     return dict((k, item.get(k)) for k in keys if k in item)
 
 
+def ensure_absent(module, collection, item, before, result_key):
+    """state=absent for an object found by name: delete it (not in check mode) and report the diff."""
+    if item is None:
+        return {"changed": False, result_key: {}, "diff": dict(before={}, after={})}
+    if not module.check_mode:
+        client = module.client
+        client.delete(client.item_path(collection, item["id"]))
+    return {"changed": True, result_key: {}, "diff": dict(before=before, after={})}
+
+
 def names_equal(a, b):
     return sorted(set(a or [])) == sorted(set(b or []))

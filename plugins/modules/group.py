@@ -96,7 +96,7 @@ diff:
 """
 
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorError
-from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, public_view
+from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, ensure_absent, public_view
 
 KEYS = ("name", "description", "peers")
 
@@ -115,11 +115,7 @@ def run(module):
     group = client.find_by_name("/groups", p["name"])
     before = public_view(group, KEYS)
     if p["state"] == "absent":
-        if group is None:
-            return dict(changed=False, group={}, diff=dict(before={}, after={}))
-        if not module.check_mode:
-            client.delete(client.item_path("/groups", group["id"]))
-        return dict(changed=True, group={}, diff=dict(before=before, after={}))
+        return ensure_absent(module, "/groups", group, before, "group")
 
     if p["peers"] is not None:
         missing = client.missing_peers(p["peers"])

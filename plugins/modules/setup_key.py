@@ -116,7 +116,7 @@ key:
 """
 
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorError
-from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, public_view
+from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, ensure_absent, public_view
 
 KEYS = ("name", "reusable", "usage_limit", "auto_groups", "ephemeral", "revoked", "state")
 IMMUTABLE = ("reusable", "usage_limit", "ephemeral")
@@ -132,11 +132,7 @@ def run(module):
     key = client.find_by_name("/setup-keys", p["name"])
     before = public_view(key, KEYS)
     if p["state"] == "absent":
-        if key is None:
-            return dict(changed=False, setup_key={}, diff=dict(before={}, after={}))
-        if not module.check_mode:
-            client.delete(client.item_path("/setup-keys", key["id"]))
-        return dict(changed=True, setup_key={}, diff=dict(before=before, after={}))
+        return ensure_absent(module, "/setup-keys", key, before, "setup_key")
 
     if p["auto_groups"]:
         missing = client.missing_groups(p["auto_groups"])

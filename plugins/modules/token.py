@@ -85,7 +85,7 @@ secret:
 """
 
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorError
-from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, public_view
+from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, ensure_absent, public_view
 
 KEYS = ("name", "scope", "revoked")
 
@@ -96,11 +96,7 @@ def run(module):
     tok = client.find_by_name("/tokens", p["name"])
     before = public_view(tok, KEYS)
     if p["state"] == "absent":
-        if tok is None:
-            return dict(changed=False, api_token={}, diff=dict(before={}, after={}))
-        if not module.check_mode:
-            client.delete(client.item_path("/tokens", tok["id"]))
-        return dict(changed=True, api_token={}, diff=dict(before=before, after={}))
+        return ensure_absent(module, "/tokens", tok, before, "api_token")
 
     if tok is None:
         if not p["scope"]:

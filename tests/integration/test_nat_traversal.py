@@ -11,6 +11,7 @@ while pairs are direct (no loss), and a symmetric NAT becomes endpoint-independe
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import time
@@ -39,7 +40,9 @@ def nat_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         coord = CoordinatorProcess(
             workdir=workdir / "coordinator",
             config={
-                "mesh": {"turn_servers": [coturn.turn_url]},
+                # The shortest credential lifetime: relayed pairs move to a new allocation every
+                # ~30 s during this suite (coturn refuses to refresh one whose credential expired).
+                "mesh": {"turn_servers": [coturn.turn_url], "credential_ttl": 60},
                 "secrets": {"source": "config", "turn_secret": secret},
             },
             host=lab.public_gateway,
@@ -192,6 +195,29 @@ def test_metrics_show_paths_and_relayed_bytes(nat_mesh: Mesh) -> None:
     sent = [line for line in text.splitlines() if line.startswith("starling_agent_relayed_bytes_total{")]
     assert any(float(line.rsplit(" ", 1)[1]) > 0 for line in sent), sent
     assert "starling_agent_public_mapping_known 1.0" in text
+
+
+def test_relayed_pair_survives_turn_credential_renewal(nat_mesh: Mesh) -> None:
+    nat_mesh.wait_ping("s1", "s2", 30)
+    wait_path(nat_mesh, "s1", "s2", "relayed", 15)
+
+    def renewals() -> int:
+        """Renewal notes on both ends (the end holding the allocation notices, the controlling end acts)."""
+        count = 0
+        for me, other in (("s1", "s2"), ("s2", "s1")):
+            doc = json.loads(nat_mesh.agents[me].cli("explain", other, "--json").stdout or "{}")
+            count += int(doc.get("turn_renewals", 0))
+        return count
+
+    before = renewals()
+    ping = nat_mesh.agents["s1"].host.exec(
+        "ping", "-n", "-q", "-c", "90", "-i", "0.5", "-W", "1", nat_mesh.agents["s2"].mesh_ip, check=False, timeout=90
+    )
+    lost = re.search(r"(\d+) received", ping.stdout)
+    assert lost is not None, ping.stdout
+    assert renewals() > before, "no renewal happened in 45 s with a 60 s credential lifetime"
+    assert int(lost.group(1)) >= 88, ping.stdout  # at most 2 of 90 lost across the move to a new allocation
+    assert path_of(nat_mesh, "s1", "s2")["path"] == "relayed"
 
 
 def test_relay_outage_is_shown_and_traffic_resumes(nat_mesh: Mesh) -> None:
