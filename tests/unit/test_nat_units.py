@@ -244,3 +244,32 @@ def test_proxy_frames_channel_data_and_demultiplexes_stun() -> None:
             wg.close()
 
     asyncio.run(scenario())
+
+
+def test_unreachable_stun_server_gives_a_clear_status() -> None:
+    """No STUN answer: the probe reports which server and why, keeps no address, raises nothing."""
+    from agent.firewall.model import FirewallError
+    from agent.nat.reflexive import ReflexiveProbe
+
+    class NoNft:
+        def apply(self, commands: list[dict[str, Any]]) -> None:
+            raise FirewallError("nft: not in this unit test")
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    probe = ReflexiveProbe(51820, nft=NoNft())  # type: ignore[arg-type]
+
+    async def run() -> str | None:
+        try:
+            return await probe.learn([("127.0.0.1", port)], limit=0.5)
+        finally:
+            probe.close()
+
+    try:
+        assert asyncio.run(run()) is None
+    finally:
+        silent.close()
+    status = probe.status()
+    assert status["address"] is None and not status["mapped_to_wireguard_port"]
+    assert status["error"] == f"127.0.0.1:{port}: no STUN answer from 127.0.0.1:{port} within 0.5 s"
