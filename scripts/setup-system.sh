@@ -6,7 +6,7 @@
 # exits 0 (a developer box may already have everything, or install it by other means).
 set -euo pipefail
 
-PACKAGES="postgresql wireguard-go wireguard-tools nftables iproute2 coturn conntrack iperf3 procps iputils-ping chromium"
+PACKAGES="postgresql wireguard-go wireguard-tools nftables iproute2 coturn conntrack iperf3 procps iputils-ping chromium podman runc debootstrap"
 
 log() { printf 'setup-system: %s\n' "$*"; }
 warn() { printf 'setup-system: WARNING: %s\n' "$*" >&2; }
