@@ -72,6 +72,18 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("peer", help="peer name, id or public key")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.add_argument("--state-dir", type=Path)
+    key = sub.add_parser("key", help="the WireGuard key: show it, or reload it from the key source (rotation)")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    reload_ = key_sub.add_parser(
+        "reload", help="load the key source's current key, present it to the coordinator, verify handshakes"
+    )
+    reload_.add_argument("--expect-public-key", help="fail unless the source's key has this public key")
+    reload_.add_argument("--verify-timeout", type=float, default=30.0, help="seconds to wait for handshakes (30)")
+    reload_.add_argument("--json", action="store_true", help="machine-readable output")
+    reload_.add_argument("--state-dir", type=Path)
+    show = key_sub.add_parser("show", help="the public key in use, its source and version")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--state-dir", type=Path)
     return p
 
 
@@ -284,6 +296,47 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key(args: argparse.Namespace) -> int:
+    """`starling key show|reload`. Reload exits 0 when the key is in use and verified (or unchanged),
+    1 when it failed; the JSON output says at which stage and whether the key was switched."""
+    config = load(args)
+    try:
+        if args.key_command == "show":
+            status = call(config.control_socket, {"cmd": "status"})["status"]
+            info = {"public_key": status["public_key"], **status.get("key", {})}
+            print(
+                json.dumps(info)
+                if args.json
+                else f"{info['public_key']} ({info.get('source')}, version {info.get('version') or '-'})"
+            )
+            return 0
+        request = {
+            "cmd": "key-reload",
+            "expect_public_key": args.expect_public_key,
+            "verify_timeout": args.verify_timeout,
+        }
+        reply = call(config.control_socket, request, timeout=args.verify_timeout + 30)
+    except ControlError as exc:
+        raise CliError(str(exc), EXIT_NOT_RUNNING) from exc
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif reply.get("ok"):
+        if not reply.get("changed"):
+            print(f"key unchanged: {reply['public_key']} (version {reply.get('version') or '-'})")
+        else:
+            slowest = max(reply.get("handshakes", {}).values(), default=0.0)
+            print(
+                f"key rotated to {reply['public_key']} (version {reply.get('version') or '-'}); "
+                f"{len(reply.get('handshakes', {}))} neighbour(s) handshook again, slowest {slowest:.2f}s"
+            )
+    else:
+        state = "the new key is in use" if reply.get("switched") else "the old key is still in use"
+        print(
+            f"starling: key reload failed ({reply.get('stage', '?')}): {reply.get('error')}; {state}", file=sys.stderr
+        )
+    return 0 if reply.get("ok") else EXIT_RUNTIME
+
+
 def format_explain(data: dict[str, Any]) -> str:
     peer, refl = data["peer"], data["reflexive"]
     ours = ", ".join(f"{c['kind']} {c['address']}" for c in data["our_candidates"]) or "none"
@@ -393,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_down(args)
         if args.command == "explain":
             return cmd_explain(args)
+        if args.command == "key":
+            return cmd_key(args)
         return cmd_status(args)
     except CliError as exc:
         print(f"starling: {exc}", file=sys.stderr)

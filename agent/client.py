@@ -65,6 +65,17 @@ class PeerApi:
     async def report_state(self, connections: list[dict[str, Any]]) -> None:
         await self._post("/api/v1/peer/state", {"connections": connections})
 
+    async def change_key(self, public_key: str, previous: str, phase: str, version: int | None, source: str) -> None:
+        body: dict[str, Any] = {
+            "public_key": public_key,
+            "previous_public_key": previous,
+            "phase": phase,
+            "source": source,
+        }
+        if version is not None:
+            body["version"] = version
+        await self._post("/api/v1/peer/key", body)
+
     async def report_event(self, kind: str, message: str) -> None:
         await self._post("/api/v1/peer/events", {"kind": kind, "message": message[:1024]})
 

@@ -25,6 +25,10 @@ class Controlled(Protocol):
 
     def explain(self, name: str) -> dict[str, Any] | None: ...
 
+    async def reload_key(
+        self, expect_public_key: str | None = None, verify_timeout: float = 30.0
+    ) -> dict[str, Any]: ...
+
 
 class ControlServer:
     def __init__(self, path: Path, target: Controlled) -> None:
@@ -53,13 +57,35 @@ class ControlServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            reply = self.dispatch(line[:MAX_REQUEST])
+            reply = await self.dispatch_async(line[:MAX_REQUEST])
         except (TimeoutError, ValueError) as exc:
             reply = {"ok": False, "error": f"bad request: {exc}"}
         writer.write(json.dumps(reply).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
+
+    async def dispatch_async(self, raw: bytes) -> dict[str, Any]:
+        """Commands that take time (key reload) run here; everything else answers at once."""
+        request = json.loads(raw or b"{}")
+        if isinstance(request, dict) and request.get("cmd") == "key-reload":
+            return await self._key_reload(request)
+        return self.dispatch(raw)
+
+    async def _key_reload(self, request: dict[str, Any]) -> dict[str, Any]:
+        from agent.rekey import RekeyError
+
+        expect = request.get("expect_public_key")
+        timeout = request.get("verify_timeout", 30.0)
+        if expect is not None and not isinstance(expect, str):
+            return {"ok": False, "error": "expect_public_key must be a string"}
+        if not isinstance(timeout, int | float) or not 1 <= timeout <= 600:
+            return {"ok": False, "error": "verify_timeout must be a number of seconds in 1-600"}
+        try:
+            result = await self.target.reload_key(expect, float(timeout))
+        except RekeyError as exc:
+            return {"ok": False, "error": str(exc), "stage": exc.stage, "switched": exc.switched, **exc.detail}
+        return {"ok": True, **result}
 
     def dispatch(self, raw: bytes) -> dict[str, Any]:
         request = json.loads(raw or b"{}")

@@ -33,7 +33,9 @@ from agent.nat.fallback import Fallback
 from agent.nat.reflexive import ReflexiveProbe
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection
+from agent.rekey import KeyRotation
 from agent.wg import WireGuardBackend
+from agent.wg.backend import WireGuardError
 
 log = logging.getLogger("starling.agent")
 RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
@@ -61,7 +63,7 @@ class ServiceStatus:
         return {"connected": self.connected, "last_error": self.last_error, "since": self.since}
 
 
-class Agent(PeerLinks):
+class Agent(PeerLinks, KeyRotation):
     def __init__(self, config: AgentConfig, state: AgentState, keys: KeySource, backend: WireGuardBackend) -> None:
         self.config = config
         self.state = state
@@ -100,6 +102,7 @@ class Agent(PeerLinks):
         self._reoffer_pending = False  # our candidates changed while signal was down
         self.map_redial = asyncio.Event()  # set: drop the map stream now and reconnect (roaming)
         self._followers: set[asyncio.Task[None]] = set()
+        self._rekey_lock = asyncio.Lock()
 
     @property
     def map_cache(self) -> Path:
@@ -265,11 +268,10 @@ class Agent(PeerLinks):
             del conn
         for pid, (old, new) in change.changed.items():
             if old["public_key"] != new["public_key"]:
-                await self._wg(self.backend.remove_peer, old["public_key"])
-                await self.fallback.forget(pid)
-                self.by_key.pop(old["public_key"], None)
-                self.conns.pop(pid, None)
-                change.added[pid] = new
+                if pid in self.conns:
+                    await self._peer_rekeyed(self.conns[pid], old, new)
+                else:
+                    change.added[pid] = new
             elif old["allowed_ips"] != new["allowed_ips"]:
                 conn = self.conns[pid]
                 await self._wg(self.backend.set_peer, self._peer_config(new, conn.endpoint))
@@ -295,6 +297,24 @@ class Agent(PeerLinks):
             wanted = {e["public_key"] for e in self.map.peers.values()}
             for key in set(await asyncio.to_thread(self._wg_peers_safe)) - wanted:
                 await self._wg(self.backend.remove_peer, key)
+
+    async def _peer_rekeyed(self, conn: PeerConnection, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """A neighbour rotated its key: swap the key in WireGuard in one update, keeping endpoint,
+        path and relay state. The keepalive that comes with the endpoint starts the handshake at
+        once, which releases the packets the neighbour queued while we still knew its old key."""
+        self.by_key.pop(old["public_key"], None)
+        self.by_key[new["public_key"]] = conn.peer_id
+        conn.public_key = new["public_key"]
+        try:
+            await asyncio.to_thread(self.backend.replace_peer, old["public_key"], self._peer_config(new, conn.endpoint))
+        except WireGuardError as exc:
+            log.error("WireGuard: cannot swap the key of %s: %s", new.get("name"), exc)
+        log.info(
+            "peer %s rotated its key: %s... -> %s...", new.get("name"), old["public_key"][:8], new["public_key"][:8]
+        )
+        pending = self.pending.pop(new["public_key"], None)
+        if pending is not None:
+            await self._use_candidates(conn, pending[1])
 
     async def _apply_firewall(self) -> None:
         section = {"default_action": "drop", "rules": self.map.rules, "sets": self.map.sets}
@@ -400,6 +420,8 @@ class Agent(PeerLinks):
                 }
                 for c in self.conns.values()
             ]
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.keys.maintain)  # e.g. renew the Vault token at half its lease
             if report == last and time.monotonic() - last_sent < 60:
                 continue
             try:
@@ -416,6 +438,7 @@ class Agent(PeerLinks):
             "peer_id": self.state.peer_id,
             "mesh_ip": self.state.mesh_ip,
             "public_key": self.public_key,
+            "key": {"source": self.keys.name, "version": self.keys.version},
             "interface": self.backend.interface,
             "backend": self.backend.kind,
             "listen_port": self.port,

@@ -1,7 +1,9 @@
 """Key sources: where the agent's WireGuard private key comes from.
 
-`KeySource` is the interface; `FileKeySource` keeps the key in a 0600 file (generated on first use).
-The Vault key source (AppRole, KV v2) is added beside it by the Vault issue.
+`KeySource` is the interface; `FileKeySource` keeps the key in a 0600 file (generated on first use);
+`agent.vault_keys.VaultKeySource` reads it from Vault/OpenBao KV v2 with AppRole. `load()` gives the
+key at start-up (a source may fall back to a cached copy); `reload()` asks the source again for key
+rotation and never falls back.
 """
 
 from __future__ import annotations
@@ -47,17 +49,33 @@ def generate_private_key() -> str:
 
 class KeySource(Protocol):
     name: str
+    version: int | None
 
     def load(self) -> str:
-        """The current private key (base64)."""
+        """The private key (base64) to start with."""
+        ...
+
+    def reload(self) -> str:
+        """The source's current private key, asked again (key rotation)."""
+        ...
+
+    def maintain(self) -> None:
+        """Periodic upkeep (token renewal); cheap when there is nothing to do."""
         ...
 
 
 class FileKeySource:
     name = "file"
+    version: int | None = None
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def reload(self) -> str:
+        return self.load()
+
+    def maintain(self) -> None:
+        pass
 
     def load(self) -> str:
         if not self.path.exists():
@@ -79,4 +97,8 @@ def make_key_source(spec: dict[str, Any], state_dir: Path) -> KeySource:
     kind = spec.get("type", "file")
     if kind == "file":
         return FileKeySource(Path(spec.get("path", state_dir / "private.key")))
-    raise KeyError_(f"key_source.type {kind!r} is not supported (file)")
+    if kind == "vault":
+        from agent.vault_keys import VaultKeySource
+
+        return VaultKeySource(spec, state_dir)
+    raise KeyError_(f"key_source.type {kind!r} is not supported (file, vault)")

@@ -272,6 +272,11 @@ class SignalClient:
         self.stats["sent"] += 1
         return True
 
+    def set_crypto(self, crypto: SignalCrypto) -> None:
+        """Our WireGuard key rotated: seal and open with the new one (call `redial` next, so that
+        signal admits us under the new public key)."""
+        self._crypto = crypto
+
     def redial(self, reason: str) -> None:
         """Drop the connection now and dial again at once: the network under it changed (roaming),
         so the TCP connection is probably dead although nothing has noticed yet."""

@@ -54,8 +54,22 @@ class ConnectionState(Model):
 class PeerEvent(Model):
     """Something the agent saw that operators must be able to audit (e.g. its firewall was tampered with)."""
 
-    kind: Literal["firewall.drift", "firewall.error", "firewall.disabled", "key.reloaded"]
+    kind: Literal["firewall.drift", "firewall.error", "firewall.disabled", "key.reloaded", "key.verified", "key.failed"]
     message: Annotated[str, StringConstraints(max_length=1024)]
+
+
+class KeyChange(Model):
+    """A peer presents a new WireGuard public key (key rotation), authenticated by its credential.
+
+    `prepare` only validates and records the intent; `commit` makes the coordinator use the new key
+    and pushes it to every peer that may reach this one. `previous_public_key` is a check-and-set
+    guard: it must be the key the coordinator holds now."""
+
+    public_key: WgKey
+    previous_public_key: WgKey
+    phase: Literal["prepare", "commit"] = "commit"
+    version: int | None = Field(None, ge=1, description="the key's version in the key source (Vault), if any")
+    source: Annotated[str, StringConstraints(max_length=32)] = ""
 
 
 class StateReport(Model):

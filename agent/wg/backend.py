@@ -53,6 +53,14 @@ class WireGuardBackend(abc.ABC):
     @abc.abstractmethod
     def remove_peer(self, public_key: str) -> None: ...
 
+    def replace_peer(self, old_public_key: str, peer: PeerConfig) -> None:
+        """A peer's key changed (rotation): drop the old key and add the new one with the same
+        allowed IPs and endpoint. The new key first: adding it moves the allowed IPs over, so no
+        packet finds the peer's address routed to neither key (the userspace backend does both in
+        one UAPI transaction)."""
+        self.set_peer(peer)
+        self.remove_peer(old_public_key)
+
     @abc.abstractmethod
     def peers(self) -> dict[str, PeerStats]: ...
 

@@ -77,6 +77,9 @@ class UserspaceBackend(WireGuardBackend):
     def remove_peer(self, public_key: str) -> None:
         self.uapi.set([f"public_key={key_to_hex(public_key)}", "remove=true"])
 
+    def replace_peer(self, old_public_key: str, peer: PeerConfig) -> None:
+        self.uapi.set([f"public_key={key_to_hex(old_public_key)}", "remove=true", *peer_lines(peer)])
+
     def peers(self) -> dict[str, PeerStats]:
         return self.uapi.get()[1]
 

@@ -13,7 +13,16 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator.api.deps import Coord, PeerAuth
 from coordinator.errors import NotFound
-from coordinator.schemas import EnrollRequest, EnrollResponse, PeerEvent, SignalToken, SigningKey, StateReport
+from coordinator.schemas import (
+    EnrollRequest,
+    EnrollResponse,
+    KeyChange,
+    PeerEvent,
+    PeerOut,
+    SignalToken,
+    SigningKey,
+    StateReport,
+)
 
 router = APIRouter(prefix="/api/v1")
 
@@ -69,6 +78,18 @@ def report_event(coord: Coord, peer: PeerAuth, body: PeerEvent) -> Response:
     edited the agent's nftables table and it restored it). At most 10 per minute per peer."""
     coord.peers.report_event(peer[0], body)
     return Response(status_code=204)
+
+
+@router.post(
+    "/peer/key",
+    tags=["peer"],
+    responses={409: {"description": "previous_public_key is not the current key, or the key is taken"}},
+)
+def change_key(coord: Coord, peer: PeerAuth, body: KeyChange) -> PeerOut:
+    """Key rotation: the agent presents its new WireGuard public key (`prepare`, then `commit` once it
+    uses the key). The commit is pushed to every peer that may reach this one; both steps are audited
+    (`peer.key.prepare`, `peer.key.rotate`). See docs/vault.md."""
+    return coord.peers.change_key(peer[0], body)
 
 
 @router.post("/peer/signal-token", tags=["peer"])

@@ -15,6 +15,7 @@ from coordinator.schemas import (
     ConnectionState,
     EnrollRequest,
     EnrollResponse,
+    KeyChange,
     Page,
     PeerEvent,
     PeerOut,
@@ -282,6 +283,39 @@ class PeerService:
             tx.audit(f"peer.{event.kind}", "peer", peer.id, peer.name, None, {"message": event.message})
 
         self.c.write("peer", run)
+
+    def change_key(self, peer_id: str, body: KeyChange) -> PeerOut:
+        """Key rotation, presented by the peer itself. `prepare` validates and audits the intent;
+        `commit` switches the peer's public key (pushed to its neighbours by the map stream).
+        Idempotent: committing the key the coordinator already holds changes nothing."""
+
+        def run(tx: Tx) -> PeerOut:
+            s = tx.session
+            peer = self._get(s, peer_id)
+            tx.actor = f"peer:{peer.name}"
+            if body.public_key == peer.public_key:
+                return peer_out(peer, self.domain)
+            if body.previous_public_key != peer.public_key:
+                raise Conflict(
+                    f"the coordinator holds key {peer.public_key[:8]}... for this peer, not "
+                    f"{body.previous_public_key[:8]}... (changed concurrently?)",
+                    field="previous_public_key",
+                )
+            if s.scalar(select(Peer.id).where(Peer.public_key == body.public_key, Peer.id != peer.id)):
+                raise Conflict("that public key belongs to another peer", field="public_key")
+            detail: dict[str, Any] = {"public_key": body.public_key, "version": body.version, "source": body.source}
+            if body.phase == "prepare":
+                tx.audit("peer.key.prepare", "peer", peer.id, peer.name, {"public_key": peer.public_key}, detail)
+                return peer_out(peer, self.domain)
+            before = {"public_key": peer.public_key}
+            peer.public_key = body.public_key
+            s.flush()
+            node = peer_node(peer)
+            tx.graph(lambda rev: self.c.graph.upsert_peer(node, rev))
+            tx.audit("peer.key.rotate", "peer", peer.id, peer.name, before, detail)
+            return peer_out(peer, self.domain)
+
+        return self.c.write("peer", run)
 
     def mark_connected(self, peer_id: str, connected: bool) -> None:
         with self.c.store.transaction() as s:

@@ -1,0 +1,172 @@
+"""Key rotation on the rotating peer: `starling key reload` (mixin of `Agent`).
+
+The order is what keeps traffic flowing (docs/vault.md, "Why no packet is lost"):
+
+1. Read the new key from the key source (Vault: the latest version). Nothing has changed if this
+   fails, or if the coordinator refuses the `prepare` step (wrong previous key, key taken).
+2. Switch WireGuard's private key. wireguard-go stops *sending* on the old sessions but still
+   *decrypts* what neighbours send on them, so their traffic keeps arriving; ours waits in
+   WireGuard's per-peer queue (it cannot complete a handshake until neighbours know the new key).
+3. `commit`: the coordinator pushes the new key to every peer that may reach us. Each neighbour
+   replaces our old key by the new one in one device update, with a keepalive, which starts a
+   handshake at once; the queued packets then flow both ways. If the commit fails, WireGuard goes
+   back to the old key and the neighbours never noticed.
+4. Verify: every neighbour that had a live tunnel before the switch must complete a handshake with
+   the new key within the timeout; the agent reports the outcome to the coordinator's audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from agent.client import CoordinatorError, PeerApi
+from agent.keys import KeyError_, KeySource, decode_key, public_key_of
+from agent.netmap import NetworkMap
+from agent.wg.backend import WireGuardBackend, WireGuardError
+
+log = logging.getLogger(__name__)
+
+LIVE_TUNNEL = 180.0  # a neighbour with a handshake this recent (s) must handshake again after a switch
+
+
+class RekeyError(Exception):
+    """A key reload failed; `stage` says how far it got and `switched` whether the key changed."""
+
+    def __init__(self, message: str, stage: str, *, switched: bool = False, detail: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.switched = switched
+        self.detail = detail or {}
+
+
+class KeyRotation:
+    keys: KeySource
+    backend: WireGuardBackend
+    api: PeerApi
+    map: NetworkMap
+    by_key: dict[str, str]
+    private_key: str
+    public_key: str
+    signal: Any
+
+    _rekey_lock: asyncio.Lock
+
+    def _wg_peers_safe(self) -> dict[str, Any]:
+        raise NotImplementedError  # provided by PeerLinks
+
+    async def _event(self, kind: str, message: str) -> None: ...
+
+    async def reload_key(self, expect_public_key: str | None = None, verify_timeout: float = 30.0) -> dict[str, Any]:
+        async with self._rekey_lock:
+            try:
+                return await self._reload(expect_public_key, verify_timeout)
+            except RekeyError as exc:
+                await self._event("key.failed", f"key reload failed at {exc.stage}: {exc}")
+                raise
+
+    async def _reload(self, expect: str | None, verify_timeout: float) -> dict[str, Any]:
+        try:
+            new_private = await asyncio.to_thread(self.keys.reload)
+        except KeyError_ as exc:
+            raise RekeyError(f"cannot read the new key: {exc}", "source") from exc
+        new_public = public_key_of(new_private)
+        version = self.keys.version
+        if expect and new_public != expect:
+            raise RekeyError(
+                f"{self.keys.name} returned public key {new_public[:8]}..., expected {expect[:8]}... "
+                "(stale replica, or rotated again meanwhile?)",
+                "source",
+            )
+        held = str(self.map.me.get("public_key") or self.public_key)
+        result: dict[str, Any] = {"public_key": new_public, "version": version, "source": self.keys.name}
+        if new_public == self.public_key:
+            if held != new_public:
+                # An earlier rotation switched WireGuard but its commit never reached the coordinator.
+                await self._change(new_public, held, "commit", version, "commit")
+                return {**result, "changed": True, "repaired": True}
+            return {**result, "changed": False}
+
+        old_private, old_public = self.private_key, self.public_key
+        await self._change(new_public, held, "prepare", version, "prepare")
+        before = await asyncio.to_thread(self._wg_peers_safe)
+        now = time.time()
+        expected = {
+            key
+            for key, st in before.items()
+            if key in self.by_key and st.last_handshake and now - st.last_handshake < LIVE_TUNNEL
+        }
+        switched_at = time.time()
+        try:
+            await asyncio.to_thread(self.backend.set_private_key, new_private)
+        except WireGuardError as exc:
+            raise RekeyError(f"WireGuard refused the new key: {exc}", "switch") from exc
+        self.private_key, self.public_key = new_private, new_public
+        try:
+            await self._change(new_public, held, "commit", version, "commit")
+        except RekeyError:
+            await asyncio.to_thread(self.backend.set_private_key, old_private)
+            self.private_key, self.public_key = old_private, old_public
+            log.warning("key rotation: commit failed, WireGuard is back on the old key")
+            raise
+        log.info("key rotated: %s... -> %s... (version %s)", old_public[:8], new_public[:8], version)
+        self._new_signal_identity()
+        handshakes, missing = await self._verify(expected, switched_at, verify_timeout)
+        names = {key: self._peer_name(key) for key in expected}
+        result |= {
+            "changed": True,
+            "previous_public_key": old_public,
+            "switched_at": switched_at,
+            "handshakes": {names[k]: round(v, 3) for k, v in handshakes.items()},
+            "missing": sorted(names[k] for k in missing),
+        }
+        if missing:
+            raise RekeyError(
+                f"no handshake with the new key from {', '.join(result['missing'])} within {verify_timeout:g}s",
+                "verify",
+                switched=True,
+                detail=result,
+            )
+        slowest = max(handshakes.values(), default=0.0)
+        await self._event(
+            "key.verified",
+            f"key {old_public[:8]}... -> {new_public[:8]}... (version {version}): "
+            f"{len(handshakes)} neighbour(s) handshook again, slowest {slowest:.2f}s",
+        )
+        return result
+
+    async def _change(self, public: str, previous: str, phase: str, version: int | None, stage: str) -> None:
+        try:
+            await self.api.change_key(public, previous, phase, version, self.keys.name)
+        except CoordinatorError as exc:
+            raise RekeyError(f"the coordinator did not take the new key ({phase}): {exc}", stage) from exc
+
+    def _new_signal_identity(self) -> None:
+        """Signal admits us by our public key and seals messages with our private key: reconnect."""
+        if self.signal is None:
+            return
+        from agent.signal_crypto import SignalCrypto
+
+        self.signal.set_crypto(SignalCrypto(decode_key(self.private_key)))
+        self.signal.redial("key rotated")
+
+    async def _verify(self, expected: set[str], switched_at: float, wait: float) -> tuple[dict[str, float], set[str]]:
+        done: dict[str, float] = {}
+        deadline = time.monotonic() + wait
+        while True:
+            stats = await asyncio.to_thread(self._wg_peers_safe)
+            for key in expected - set(done):
+                st = stats.get(key)
+                if st is not None and st.last_handshake > switched_at:
+                    done[key] = st.last_handshake - switched_at
+            missing = {k for k in expected - set(done) if k in self.by_key}  # a peer removed meanwhile is not owed
+            if not missing or time.monotonic() >= deadline:
+                return done, missing
+            await asyncio.sleep(0.1)
+
+    def _peer_name(self, key: str) -> str:
+        pid = self.by_key.get(key)
+        entry = self.map.peers.get(pid) if pid else None
+        return str(entry.get("name")) if entry else key[:8]

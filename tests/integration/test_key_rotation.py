@@ -1,0 +1,150 @@
+"""Key rotation end to end: real agents (wireguard-go) in namespaces whose keys live in a real
+OpenBao (AppRole per host), a real coordinator and signal. Every pair pings at 10 packets/s while
+the keys rotate; the test counts lost packets.
+
+Topology: bridge 198.18.N.0/24 (coordinator, signal and OpenBao on .1), agents a, b, c in group
+`ring` with a ring<->ring policy (every pair may talk).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.mesh import Mesh, SignalProcess
+from tests.fixtures.netns import netlab
+from tests.fixtures.openbao import dev_server
+from tests.fixtures.vault_mesh import VaultPeers
+
+pytestmark = pytest.mark.slow
+
+NAMES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def rmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, VaultPeers]]:
+    workdir = tmp_path_factory.mktemp("rotation")
+    with netlab() as lab, dev_server(workdir / "bao", host=lab.gateway) as bao:
+        vault = VaultPeers(bao, workdir)
+        coord = CoordinatorProcess(workdir=workdir / "coordinator", config={}, host=lab.gateway)
+        signal = SignalProcess(workdir / "signal", lab.gateway, "")
+        mesh = Mesh(lab, coord, signal, workdir)
+        try:
+            coord.start()
+            signal.coordinator_url = coord.url
+            signal.start()
+            with coord.client() as api:
+                assert api.patch("/api/v1/settings", json={"signal_url": signal.ws_url}).status_code == 200
+                api.post("/api/v1/groups", json={"name": "ring"})
+                r = api.post(
+                    "/api/v1/policies",
+                    json={"name": "ring", "sources": {"groups": ["ring"]}, "destinations": {"groups": ["ring"]}},
+                )
+                assert r.status_code == 201, r.text
+            for name in NAMES:
+                mesh.start_agent(name, ["ring"], config=vault.add(name))
+            for src in NAMES:
+                for dst in NAMES:
+                    if src != dst:
+                        mesh.wait_ping(src, dst, 20)
+            yield mesh, vault
+        finally:
+            for agent in mesh.agents.values():
+                print(f"--- agent {agent.host.name} log ---\n{agent.log_tail(120)}")
+            signal.stop()
+            coord.stop()
+
+
+class Pings:
+    """Every ordered pair pings at 10 packets/s for `count` packets; `lost()` when done."""
+
+    def __init__(self, mesh: Mesh, workdir: Path, count: int) -> None:
+        self.procs: dict[tuple[str, str], tuple[subprocess.Popen[bytes], Path]] = {}
+        for src in NAMES:
+            for dst in NAMES:
+                if src == dst:
+                    continue
+                log = workdir / f"ping-{src}-{dst}.log"
+                log.unlink(missing_ok=True)
+                proc = mesh.agents[src].host.popen(
+                    ["ping", "-n", "-q", "-i", "0.1", "-c", str(count), "-W", "5", mesh.agents[dst].mesh_ip], log
+                )
+                self.procs[(src, dst)] = (proc, log)
+
+    def lost(self) -> dict[str, int]:
+        out = {}
+        for (src, dst), (proc, log) in self.procs.items():
+            proc.wait(120)
+            text = log.read_text()
+            m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+            assert m, text
+            out[f"{src}->{dst}"] = int(m.group(1)) - int(m.group(2))
+        return out
+
+
+def reload(mesh: Mesh, name: str, expect: str | None = None) -> dict[str, Any]:
+    args = ["key", "reload", "--json", "--verify-timeout", "20"]
+    if expect:
+        args += ["--expect-public-key", expect]
+    result = mesh.agents[name].cli(*args, timeout=60)
+    data: dict[str, Any] = json.loads(result.stdout)
+    data["returncode"] = result.returncode
+    return data
+
+
+def coordinator_key(mesh: Mesh, name: str) -> str:
+    with mesh.api() as api:
+        return str(api.get(f"/api/v1/peers/{mesh.agents[name].peer_id}").json()["public_key"])
+
+
+def test_rotating_every_key_loses_no_packet(rmesh: tuple[Mesh, VaultPeers], tmp_path: Path) -> None:
+    mesh, vault = rmesh
+    pings = Pings(mesh, tmp_path, count=250)  # 25 s at 10 packets/s, 6 directions
+    results = {}
+    for name in NAMES:
+        version, public = vault.write_key(name)
+        result = reload(mesh, name, expect=public)
+        assert result["ok"], result
+        assert result["changed"] and result["public_key"] == public and result["version"] == version
+        assert sorted(result["handshakes"]) == sorted(n for n in NAMES if n != name), result
+        assert coordinator_key(mesh, name) == public
+        assert mesh.agents[name].status()["public_key"] == public
+        results[name] = result
+    lost = pings.lost()
+    print("rotation results:", json.dumps(results, indent=1), "lost:", lost)
+    assert sum(lost.values()) == 0, lost
+    with mesh.api() as api:
+        actions = [e["action"] for e in api.get("/api/v1/audit", params={"limit": 200}).json()["items"]]
+    for action in ("peer.key.prepare", "peer.key.rotate", "peer.key.verified"):
+        assert actions.count(action) >= 3, (action, actions)
+
+
+def test_reload_without_a_new_version_changes_nothing(rmesh: tuple[Mesh, VaultPeers]) -> None:
+    mesh, _ = rmesh
+    before = coordinator_key(mesh, "a")
+    result = reload(mesh, "a")
+    assert result["ok"] and not result["changed"] and result["public_key"] == before
+
+
+def test_denied_vault_read_fails_cleanly_and_keeps_the_old_key(rmesh: tuple[Mesh, VaultPeers]) -> None:
+    mesh, vault = rmesh
+    before = coordinator_key(mesh, "b")
+    vault.write_key("b")
+    vault.client.sys.create_or_update_policy("peer-b", 'path "starling/data/mesh/peers/a/wireguard" { capabilities = ["read"] }')
+    try:
+        result = reload(mesh, "b")
+        assert not result["ok"] and result["stage"] == "source" and not result["switched"], result
+        assert "denied" in result["error"], result
+        assert coordinator_key(mesh, "b") == before and mesh.agents["b"].status()["public_key"] == before
+        mesh.wait_ping("a", "b", 5)
+    finally:
+        vault.client.sys.create_or_update_policy(
+            "peer-b", 'path "starling/data/mesh/peers/b/wireguard" { capabilities = ["read"] }'
+        )
