@@ -137,7 +137,8 @@ def test_denied_vault_read_fails_cleanly_and_keeps_the_old_key(rmesh: tuple[Mesh
     mesh, vault = rmesh
     before = coordinator_key(mesh, "b")
     vault.write_key("b")
-    vault.client.sys.create_or_update_policy("peer-b", 'path "starling/data/mesh/peers/a/wireguard" { capabilities = ["read"] }')
+    wrong = 'path "starling/data/mesh/peers/a/wireguard" { capabilities = ["read"] }'
+    vault.client.sys.create_or_update_policy("peer-b", wrong)  # a misconfigured policy
     try:
         result = reload(mesh, "b")
         assert not result["ok"] and result["stage"] == "source" and not result["switched"], result
