@@ -84,8 +84,9 @@ class ControlServer:
         try:
             result = await self.target.reload_key(expect, float(timeout))
         except RekeyError as exc:
-            return {"ok": False, "error": str(exc), "stage": exc.stage, "switched": exc.switched, **exc.detail}
-        return {"ok": True, **result}
+            reply = {"ok": False, "error": str(exc), "stage": exc.stage, "switched": exc.switched, **exc.detail}
+            return reply | {"in_use": self.target.status()["public_key"]}
+        return {"ok": True, **result, "in_use": result["public_key"]}
 
     def dispatch(self, raw: bytes) -> dict[str, Any]:
         request = json.loads(raw or b"{}")

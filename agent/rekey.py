@@ -86,6 +86,7 @@ class KeyRotation:
             if held != new_public:
                 # An earlier rotation switched WireGuard but its commit never reached the coordinator.
                 await self._change(new_public, held, "commit", version, "commit")
+                self.map.me["public_key"] = new_public
                 return {**result, "changed": True, "repaired": True}
             return {**result, "changed": False}
 
@@ -111,6 +112,7 @@ class KeyRotation:
             self.private_key, self.public_key = old_private, old_public
             log.warning("key rotation: commit failed, WireGuard is back on the old key")
             raise
+        self.map.me["public_key"] = new_public  # the coordinator's view now (its map delta confirms it)
         log.info("key rotated: %s... -> %s... (version %s)", old_public[:8], new_public[:8], version)
         self._new_signal_identity()
         handshakes, missing = await self._verify(expected, switched_at, verify_timeout)

@@ -350,7 +350,8 @@ class MeshGraph:
             self.info_log.append((revision, old.slot))
             if len(self.info_log) > INFO_LOG_MAX:
                 del self.info_log[: len(self.info_log) - INFO_LOG_MAX]
-            self.touch(self.peers_in(self.reach_of(old.id)), revision)
+            # Its neighbours' maps carry its name/key/address, and its own map its self entry.
+            self.touch(self.peers_in(self.reach_of(old.id)) | {old.id}, revision)
         if old.approved != node.approved:
             old.approved = node.approved
             self.eligible ^= 1 << old.slot

@@ -227,3 +227,44 @@ def test_both_ends_of_every_path_get_matching_rules(mesh: Mesh) -> None:
     with mesh.coord.client() as api:
         report = api.get("/api/v1/maps/consistency").json()
     assert report["peers_checked"] >= 3 and report["violations"] == []
+
+
+def test_key_rotation_is_checked_audited_and_pushed_to_both_ends(mesh: Mesh) -> None:
+    dev, db = mesh.peers["dev"]["peer"], mesh.peers["db"]["peer"]
+    old, new = dev["public_key"], wg_public_key()
+    db_reader, dev_reader = mesh.stream("db"), mesh.stream("dev")
+    try:
+        assert db_reader.next().event == "map" and dev_reader.next().event == "map"
+        with mesh.peer_client("dev") as client:
+
+            def change(**body: Any) -> httpx.Response:
+                return client.post("/api/v1/peer/key", json={"public_key": new, "previous_public_key": old, **body})
+
+            assert change(public_key="not-a-key").status_code == 422
+            assert change(phase="switch").status_code == 422
+            stale = change(previous_public_key=wg_public_key())
+            assert stale.status_code == 409 and stale.json()["field"] == "previous_public_key"
+            taken = change(public_key=db["public_key"])
+            assert taken.status_code == 409 and "another peer" in taken.json()["message"]
+            assert change(phase="prepare", version=7, source="vault").status_code == 200
+            with pytest.raises(queue.Empty):  # prepare pushes nothing
+                db_reader.next(timeout=0.5)
+            r = change(phase="commit", version=7, source="vault")
+            assert r.status_code == 200 and r.json()["public_key"] == new
+            assert change(phase="commit").status_code == 200  # idempotent
+        # The neighbour learns the new key, and the peer's own map says which key the coordinator holds.
+        upsert = db_reader.next().json()["peers_upsert"]
+        assert [(p["id"], p["public_key"]) for p in upsert] == [(dev["id"], new)]
+        assert dev_reader.next().json()["peer"]["public_key"] == new
+        with pytest.raises(queue.Empty):  # the idempotent repeat sent nothing
+            db_reader.next(timeout=0.5)
+    finally:
+        db_reader.close()
+        dev_reader.close()
+    with mesh.coord.client() as api:
+        events = api.get("/api/v1/audit", params={"target_id": dev["id"], "limit": 10}).json()["items"]
+    actions = [e["action"] for e in events]
+    assert actions.count("peer.key.rotate") == 1 and actions.count("peer.key.prepare") == 1, actions
+    rotate = next(e for e in events if e["action"] == "peer.key.rotate")
+    assert rotate["before"] == {"public_key": old} and rotate["after"]["version"] == 7
+    assert rotate["actor"] == "peer:" + dev["name"]

@@ -9,13 +9,16 @@ Topology: bridge 198.18.N.0/24 (coordinator, signal and OpenBao on .1), agents a
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.fixtures.coordinator import CoordinatorProcess
 from tests.fixtures.mesh import Mesh, SignalProcess
@@ -149,3 +152,97 @@ def test_denied_vault_read_fails_cleanly_and_keeps_the_old_key(rmesh: tuple[Mesh
         vault.client.sys.create_or_update_policy(
             "peer-b", 'path "starling/data/mesh/peers/b/wireguard" { capabilities = ["read"] }'
         )
+
+
+# ----- the playbook ------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run_rotate_keys(
+    mesh: Mesh, vault: VaultPeers, workdir: Path, *extra: str, vault_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    collections = workdir / "collections"
+    if not collections.exists():
+        (collections / "ansible_collections" / "starling").mkdir(parents=True)
+        (collections / "ansible_collections" / "starling" / "mesh").symlink_to(REPO)
+    hosts = {
+        name: {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "starling_agent_cli": str(BIN / "starling"),
+            "starling_agent_config": str(agent.config),
+        }
+        for name, agent in mesh.agents.items()
+    }
+    inventory = workdir / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"starling_agents": {"hosts": hosts}}}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "VAULT_", "BAO_"))}
+    env |= {
+        "ANSIBLE_HOME": str(workdir / "ansible-home"),
+        "ANSIBLE_COLLECTIONS_PATH": str(collections),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "VAULT_ADDR": vault_url or vault.bao.url,
+        "VAULT_TOKEN": vault.bao.root_token,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+    options = ["-e", "starling_rotate_become=false", "-e", "starling_rotate_verify_timeout=20", *extra]
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / "playbooks" / "rotate_keys.yml"), *options],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_rotate_keys_playbook_loses_no_packet(rmesh: tuple[Mesh, VaultPeers], tmp_path: Path) -> None:
+    mesh, vault = rmesh
+    before = {name: (coordinator_key(mesh, name), vault.current(name)[0]) for name in NAMES}
+    pings = Pings(mesh, tmp_path, count=300)
+    run = run_rotate_keys(mesh, vault, tmp_path)
+    lost = pings.lost()
+    assert run.returncode == 0, run.stdout + run.stderr
+    for name in NAMES:
+        version, data = vault.current(name)
+        assert version == before[name][1] + 1
+        assert coordinator_key(mesh, name) == data["public_key"] != before[name][0]
+        assert mesh.agents[name].status()["public_key"] == data["public_key"]
+    print("playbook rotation, lost packets per direction:", lost)
+    assert sum(lost.values()) == 0, lost
+    assert "changed=2" in run.stdout  # per host: the Vault write and the agent's reload
+
+
+def test_rotate_keys_playbook_rolls_back_when_an_agent_cannot_apply(
+    rmesh: tuple[Mesh, VaultPeers], tmp_path: Path
+) -> None:
+    mesh, vault = rmesh
+    key_before, version_before = coordinator_key(mesh, "c"), vault.current("c")[0]
+    wrong = 'path "starling/data/mesh/peers/a/wireguard" { capabilities = ["read"] }'
+    vault.client.sys.create_or_update_policy("peer-c", wrong)  # c can no longer read its key
+    try:
+        run = run_rotate_keys(mesh, vault, tmp_path, "-e", "starling_rotate_hosts=c")
+    finally:
+        vault.client.sys.create_or_update_policy(
+            "peer-c", 'path "starling/data/mesh/peers/c/wireguard" { capabilities = ["read"] }'
+        )
+    out = " ".join(run.stdout.split())
+    assert run.returncode != 0, out
+    assert "Key rotation failed on c" in out and "denied" in out, out
+    assert "the restored key: the mesh is as before" in out, out
+    version, data = vault.current("c")
+    assert version == version_before + 2  # the new key, then the old one written back
+    assert data["public_key"] == key_before == coordinator_key(mesh, "c")
+    mesh.wait_ping("a", "c", 5)
+    assert reload(mesh, "c")["changed"] is False  # Vault and the agent agree again
+
+
+def test_rotate_keys_playbook_with_vault_down_changes_nothing(rmesh: tuple[Mesh, VaultPeers], tmp_path: Path) -> None:
+    mesh, vault = rmesh
+    before = {name: coordinator_key(mesh, name) for name in NAMES}
+    run = run_rotate_keys(mesh, vault, tmp_path, vault_url="http://127.0.0.1:9")
+    out = " ".join(run.stdout.split())
+    assert run.returncode != 0 and "writing the new key to Vault failed" in out and "unreachable" in out, out
+    assert "nothing was changed" in out
+    assert {name: coordinator_key(mesh, name) for name in NAMES} == before
