@@ -49,3 +49,10 @@ class Unauthorized(DomainError):
 class RateLimited(DomainError):
     status = 429
     code = "rate_limited"
+
+
+class Unavailable(DomainError):
+    """A dependency (e.g. Vault) cannot be reached; nothing was changed."""
+
+    status = 503
+    code = "unavailable"

@@ -118,11 +118,13 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 def build_coordinator(config: CoordinatorConfig) -> Coordinator:
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secrets = ensure_secrets(load_secret_source(config.secrets, config.state_dir))
+    source = load_secret_source(config.secrets, config.state_dir)
+    secrets = ensure_secrets(source)
     store = Store(config.database_url())
     if config.database.migrate_on_start:
         store.migrate()
     coord = Coordinator(config, store, secrets)
+    coord.secret_source = source
     coord.ensure_settings()
     coord.reload()
     return coord

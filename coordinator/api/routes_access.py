@@ -92,6 +92,18 @@ def update_settings(coord: Coord, caller: Writer, body: SettingsUpdate) -> Setti
     return coord.settings.update(caller.actor, body)
 
 
+@router.post(
+    "/secrets/reload",
+    tags=["settings"],
+    responses={503: {"description": "the secret source (Vault) cannot be read; nothing changed"}},
+)
+def reload_secrets(coord: Coord, caller: Writer) -> dict[str, list[str]]:
+    """Read the coordinator's secrets again from their source after a rotation (docs/vault.md):
+    `changed` lists what took effect now (turn_secret, admin_token), `restart_required` what needs a
+    restart (signing_key). Audited as `secrets.reload`; never returns a secret."""
+    return coord.reload_secrets(caller.actor)
+
+
 @router.get("/audit", tags=["audit"])
 def list_audit(
     coord: Coord,

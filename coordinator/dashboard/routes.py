@@ -119,7 +119,7 @@ class Dashboard:
         self.cookie_secure = cookie_secure
         self.heartbeat = heartbeat
         self.assets = asset_version()
-        self._codec: tuple[Coordinator, SessionCodec] | None = None
+        self._codec: tuple[tuple[int, str], SessionCodec] | None = None
 
     # ----- plumbing -----------------------------------------------------------------------------
     @staticmethod
@@ -128,8 +128,10 @@ class Dashboard:
         return coord
 
     def codec(self, coord: Coordinator) -> SessionCodec:
-        if self._codec is None or self._codec[0] is not coord:
-            self._codec = (coord, SessionCodec(derive_key(coord.admin_token_hash), self.session_ttl))
+        # Keyed by the admin token too: rotating it (secrets reload) ends every dashboard session.
+        key = (id(coord), coord.admin_token_hash)
+        if self._codec is None or self._codec[0] != key:
+            self._codec = (key, SessionCodec(derive_key(coord.admin_token_hash), self.session_ttl))
         return self._codec[1]
 
     def secure(self, request: Request) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
 from coordinator.engine.views import MapRenderer
-from coordinator.errors import Conflict
+from coordinator.errors import Conflict, Unavailable
 from coordinator.metrics import Metrics
 from coordinator.security import hash_secret
 from coordinator.signing import TokenSigner
@@ -32,6 +32,7 @@ from coordinator.store.models import AuditEvent, Group, MeshSettings, Peer, Poli
 from coordinator.turn import relay_credentials
 
 if TYPE_CHECKING:
+    from coordinator.secrets import SecretSource
     from coordinator.service.credentials import CredentialService
     from coordinator.service.groups import GroupService
     from coordinator.service.peers import PeerService
@@ -146,6 +147,8 @@ class Coordinator:
         self.lock = threading.RLock()
         self.metrics = Metrics()
         self.signer = TokenSigner(secrets["signing_key"])
+        self.signing_key = secrets["signing_key"]
+        self.secret_source: SecretSource | None = None  # set by build_coordinator: where reload_secrets reads
         self.turn_secret = secrets["turn_secret"]
         self.admin_token_hash = hash_secret(secrets["admin_token"])
         self.hub = StreamHub(self)
@@ -252,6 +255,38 @@ class Coordinator:
         changed |= {pid for pid in list(self.hub.connected) if pid not in self.graph.peers}  # removed: say goodbye
         self.metrics.observe_compute(len(affected), time.perf_counter() - started, full=False)
         self.hub.notify(changed)
+
+    # ----- secrets rotation -------------------------------------------------------------------
+    def reload_secrets(self, actor: str) -> dict[str, list[str]]:
+        """Read the secrets again from their source (Vault) after a rotation. The TURN secret and the
+        admin token take effect at once (every stream gets credentials minted with the new TURN
+        secret); a new signing key needs a restart of coordinator and signal, so it is only reported."""
+        from coordinator.secrets import SecretError, ensure_secrets
+
+        if self.secret_source is None:
+            raise Conflict("this coordinator was started without a secret source")
+        try:
+            values = ensure_secrets(self.secret_source)
+        except SecretError as exc:
+            raise Unavailable(f"cannot read the secrets: {exc}") from exc
+        changed, restart = [], []
+        if values["turn_secret"] != self.turn_secret:
+            changed.append("turn_secret")
+        if hash_secret(values["admin_token"]) != self.admin_token_hash:
+            changed.append("admin_token")
+        if values["signing_key"] != self.signing_key:
+            restart.append("signing_key")
+
+        def run(tx: Tx) -> None:
+            detail = {"changed": changed, "restart_required": restart}
+            tx.audit("secrets.reload", "secrets", getattr(self.secret_source, "name", "?"), "", None, detail)
+
+        self.write(actor, run)
+        self.turn_secret = values["turn_secret"]
+        self.admin_token_hash = hash_secret(values["admin_token"])
+        if "turn_secret" in changed:
+            self.hub.notify(set(self.hub.connected))
+        return {"changed": changed, "restart_required": restart}
 
     # ----- reads used by several services -----------------------------------------------------
     def relays_for(self, peer_name: str) -> list[dict[str, Any]]:
