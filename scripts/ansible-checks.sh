@@ -34,7 +34,7 @@ TREE=$TMP/ansible_collections/starling/mesh
 mkdir -p "$TREE"
 
 # The collection's parts only (what `ansible-galaxy collection build` ships, less the Python project).
-for part in galaxy.yml README.md CHANGELOG.md LICENSE COPYING meta plugins roles playbooks policies; do
+for part in galaxy.yml README.md CHANGELOG.md LICENSE COPYING meta plugins roles playbooks policies .ansible-lint; do
     if [[ -e $part ]]; then
         cp -a "$part" "$TREE/"
     fi
@@ -79,8 +79,9 @@ if [[ $WHAT == all || $WHAT == lint ]]; then
         cd "$TREE"
         export ANSIBLE_COLLECTIONS_PATH=$TMP
         export ANSIBLE_HOME=$TMP/.ansible-home
-        PATH=$BIN:$PATH "$BIN/ansible-lint" --offline --profile production --strict -q \
-            plugins playbooks policies meta galaxy.yml
+        lint_paths=(plugins playbooks policies meta galaxy.yml)
+        [[ -d roles ]] && lint_paths+=(roles)
+        PATH=$BIN:$PATH "$BIN/ansible-lint" --offline --profile production --strict -q "${lint_paths[@]}"
     ) || { log "ansible-lint: FAILED"; rc=1; }
 fi
 
