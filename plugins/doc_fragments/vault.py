@@ -60,7 +60,7 @@ requirements:
   - hvac >= 1.0 (Python library, on the host that runs the module, normally the controller)
 notes:
   - Errors are one line, for example C(Vault at URL is sealed ...), C(Vault at URL is unreachable ...),
-    C(permission denied on PATH), C(... changed concurrently: expected version N ...). They say whether the
+    C(permission denied on PATH), C(... changed concurrently - expected version N ...). They say whether the
     run changed anything before the failure. Secret values never appear in messages.
   - All Vault modules of this collection are in the C(group/starling.mesh.vault) action group,
     so the connection options can be set once with C(module_defaults).

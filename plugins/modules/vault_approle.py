@@ -72,7 +72,6 @@ options:
     default: present
 seealso:
   - module: starling.mesh.vault_policy
-  - role: starling.mesh.vault
 """
 
 EXAMPLES = r"""

@@ -12,7 +12,7 @@ version_added: 0.1.0
 description:
   - Enables a KV version 2 secrets engine at O(mount) when nothing is mounted there, and sets how many versions
     of each secret it keeps (O(max_versions)) and, optionally, whether every write must use check-and-set.
-  - When another engine (or KV version 1) already sits at O(mount), the module fails and changes nothing:
+  - When another engine (or KV version 1) already sits at O(mount), the module fails and changes nothing;
     it never disables, upgrades or re-mounts an engine.
   - The token needs C(read), C(create) and C(update) on C(sys/mounts/<mount>) and C(read), C(update) on
     C(<mount>/config).

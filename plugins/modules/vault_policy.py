@@ -49,7 +49,6 @@ options:
     default: present
 seealso:
   - module: starling.mesh.vault_approle
-  - role: starling.mesh.vault
 """
 
 EXAMPLES = r"""

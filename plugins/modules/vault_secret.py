@@ -20,7 +20,7 @@ description:
   - With O(value) the secret is set to that value. With O(generate=true) a random value is created only when
     the secret is missing. O(rotate=true) always writes a new random value. Without any of them the secret
     must exist (the module then only reports its version, and with O(return_value=true) its value).
-  - O(state=absent) deletes the latest version (a soft delete: the history is kept and can be restored).
+  - O(state=absent) deletes the latest version (a soft delete; the history is kept and can be restored).
 author:
   - Starling developers (@starling)
 extends_documentation_fragment:
@@ -76,7 +76,7 @@ options:
     type: dict
   restore_version:
     description:
-      - Roll back to this version: its data is written as a new version (the history is kept). Nothing changes
+      - Roll back to this version. Its data is written as a new version (the history is kept). Nothing changes
         when the current data already equals it. The version must still be readable.
     type: int
   expected_version:
@@ -101,7 +101,6 @@ notes:
     C(delete) for O(state=absent)) on C(<mount>/data/<prefix>/*).
 seealso:
   - module: starling.mesh.wireguard_key
-  - role: starling.mesh.vault
 """
 
 EXAMPLES = r"""

@@ -23,7 +23,7 @@ description:
   - When the latest version was deleted by someone else, a new key is generated (the old versions stay
     available to O(restore_version)).
   - The token needs C(read) on C(<mount>/metadata/<prefix>/peers/*) and C(create), C(read), C(update) on
-    C(<mount>/data/<prefix>/peers/*) (the controller policy of the P(starling.mesh.vault#role) role).
+    C(<mount>/data/<prefix>/peers/*) (the controller policy of the C(starling.mesh.vault) role).
 author:
   - Starling developers (@starling)
 extends_documentation_fragment:
@@ -70,8 +70,6 @@ notes:
 seealso:
   - module: starling.mesh.vault_secret
   - module: starling.mesh.vault_kv_mount
-  - role: starling.mesh.vault
-    description: Policies and AppRoles so that each peer can read only its own key.
 """
 
 EXAMPLES = r"""

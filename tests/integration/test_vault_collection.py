@@ -194,28 +194,224 @@ def test_wireguard_key_lifecycle(play: Play, bao: OpenBao, kv: str, tmp_path: Pa
 
 
 def test_wireguard_key_cas_conflict(play: Play, bao: OpenBao, kv: str) -> None:
-    """A write between the read and the write (simulated with expected_version, and for real with
-    module_utils' kv_write) fails with a clear message and writes nothing."""
-    path = "mesh/peers/db1/wireguard"
-    run = play.run([{"name": "create", **wg("db1", kv)}])
-    assert run.rc == 0, run.stdout
-    foreign = {"private_key": base64.b64encode(bytes(32)).decode(), "public_key": "x", "created_at": "now"}
-    bao.client().secrets.kv.v2.create_or_update_secret(path=path, secret=foreign, cas=1, mount_point=kv)
+    """Someone wrote between the task's read and its write (expected_version = the version an earlier task saw):
+    a clear failure and nothing written."""
+    path, c = "mesh/peers/db1/wireguard", bao.client()
+    mine = {"private_key": base64.b64encode(bytes(range(32))).decode(), "created_at": "2025-01-01T00:00:00Z"}
+    foreign = dict(mine, created_at="2025-01-02T00:00:00Z")
+    c.secrets.kv.v2.create_or_update_secret(path=path, secret=mine, cas=0, mount_point=kv)
+    c.secrets.kv.v2.create_or_update_secret(path=path, secret=foreign, cas=1, mount_point=kv)
     run = play.run(
         [
             {"name": "stale", **wg("db1", kv, rotate=True, expected_version=1), "ignore_errors": True},
-            {"name": "stale-check", **wg("db1", kv, rotate=True, expected_version=1), "check_mode": True,
-             "ignore_errors": True},
-            {"name": "new-key-race", **wg("db2", kv, expected_version=0)},
+            {
+                "name": "stale-check",
+                **wg("db1", kv, rotate=True, expected_version=1),
+                "check_mode": True,
+                "ignore_errors": True,
+            },
+            {"name": "stale-restore", **wg("db1", kv, restore_version=1, expected_version=1), "ignore_errors": True},
         ]
     )
-    stale = run.result("stale")
-    assert run.task("stale")["status"] == "failed" and stale["changed"] is False
-    assert "changed concurrently: expected version 1 but Vault has version 2" in stale["msg"], stale["msg"]
-    assert "nothing was written" in stale["msg"]
-    assert "changed concurrently: expected version 1" in run.result("stale-check")["msg"]
+    for name in ("stale", "stale-check", "stale-restore"):
+        result = run.result(name)
+        assert run.task(name)["status"] == "failed" and result["changed"] is False
+        assert "changed concurrently: expected version 1 but Vault has version 2" in result["msg"], result["msg"]
+        assert "nothing was written" in result["msg"]
     assert versions(bao, kv, path)[0] == 2 and read(bao, kv, path) == foreign
-    assert run.result("new-key-race")["version"] == 1
+
+
+def test_kv_write_race_module_utils(bao: OpenBao, kv: str) -> None:
+    """The real interleaving, in-process: read (version 1), another writer (version 2), CAS write -> refused."""
+    from tests.ansible import collection_loader
+
+    collection_loader.install()
+    from ansible_collections.starling.mesh.plugins.module_utils import _vault  # type: ignore[import-not-found]
+
+    vault = _vault.Vault({"url": bao.url, "token": bao.root_token, "auth_method": "token", "timeout": 10})
+    path = "mesh/coordinator/turn_secret"
+    assert vault.kv_write(kv, path, {"value": "one"}, cas=0) == 1
+    entry = vault.kv_read(kv, path)
+    assert (entry.version, entry.data) == (1, {"value": "one"})
+    bao.client().secrets.kv.v2.create_or_update_secret(path=path, secret={"value": "two"}, cas=1, mount_point=kv)
+    with pytest.raises(_vault.VaultCasMismatch) as exc:
+        vault.kv_write(kv, path, {"value": "three"}, cas=entry.version, what="secret x")
+    assert (exc.value.expected, exc.value.current) == (1, 2)
+    expected = f"secret x at {kv}/data/{path} changed concurrently: expected version 1 but Vault has version 2"
+    assert expected in exc.value.msg
+    assert "three" not in exc.value.msg and vault.writes == [f"wrote {kv}/data/{path}"]
+    with pytest.raises(_vault.VaultCasMismatch, match=r"expected version 0 \(no secret yet\) but Vault has version 2"):
+        vault.kv_write(kv, path, {"value": "four"}, cas=0)
+    assert read(bao, kv, path) == {"value": "two"} and versions(bao, kv, path)[0] == 2
+
+
+@pytest.mark.slow
+def test_file_storage_sealed(collections_path: Path, tmp_path: Path) -> None:
+    """A real server with on-disk storage (init/unseal): the module writes there; once sealed, every module fails
+    with a clear message and nothing changes."""
+    with file_server(tmp_path / "openbao") as server:
+        server.client().sys.enable_secrets_engine("kv", path="starling", options={"version": "2"})
+        play = Play(collections_path, tmp_path, server.url, server.root_token)
+        run = play.run([{"name": "create", "starling.mesh.wireguard_key": {"peer": "db1"}}])
+        assert run.rc == 0, run.stdout + run.stderr
+        before = read(server, "starling", "mesh/peers/db1/wireguard")
+        server.seal()
+        run = play.run(
+            [
+                {"name": "rotate", **wg("db1", "starling", rotate=True), "ignore_errors": True},
+                {"name": "secret", **sec("coordinator/turn_secret", "starling", generate=True), "ignore_errors": True},
+            ]
+        )
+        for name in ("rotate", "secret"):
+            msg = run.result(name)["msg"]
+            assert run.task(name)["status"] == "failed" and run.result(name)["changed"] is False
+            assert msg.startswith(f"Vault at {server.url} is sealed (while reading starling/metadata/mesh/"), msg
+            assert msg.endswith("unseal it and re-run; nothing was changed"), msg
+        server.unseal()
+        assert versions(server, "starling", "mesh/peers/db1/wireguard")[0] == 1
+        assert read(server, "starling", "mesh/peers/db1/wireguard") == before
+        with pytest.raises(hvac.exceptions.InvalidPath):
+            server.client().secrets.kv.v2.read_secret_metadata(
+                path="mesh/coordinator/turn_secret", mount_point="starling"
+            )
+
+
+# ----- vault_secret --------------------------------------------------------------------------------
+def sec(path: str, mount: str, **extra: Any) -> dict[str, Any]:
+    return {"starling.mesh.vault_secret": {"path": path, "mount": mount, **extra}}
+
+
+def test_vault_secret(play: Play, bao: OpenBao, kv: str, tmp_path: Path) -> None:
+    turn, tok, out = "coordinator/turn_secret", "tokens/ci", tmp_path / "value"
+    run = play.run(
+        [
+            {"name": "gen-check", **sec(turn, kv, generate=True), "check_mode": True, "diff": True},
+            {"name": "gen", **sec(turn, kv, generate=True), "diff": True},
+            {"name": "gen-again", **sec(turn, kv, generate=True)},
+            {"name": "rotate", **sec(turn, kv, rotate=True), "diff": True},
+            {"name": "set", **sec(turn, kv, value="s3cr3t-value"), "diff": True},
+            {"name": "set-again", **sec(turn, kv, value="s3cr3t-value")},
+            {"name": "restore", **sec(turn, kv, restore_version=1)},
+            {"name": "read", **sec(turn, kv, return_value=True), "no_log": True, "register": "got"},
+            {"name": "keep", "ansible.builtin.copy": {"content": "{{ got.value }}", "dest": str(out)}, "no_log": True},
+            {"name": "signing", **sec("coordinator/signing_key", kv, generate=True, encoding="base64")},
+            {"name": "admin", **sec("coordinator/admin_token", kv, generate=True, value_prefix="sat_", length=24)},
+            {"name": "token", **sec(tok, kv, value="sat_tok", fields={"scope": "read"}), "diff": True},
+            {"name": "token-fields", **sec(tok, kv, value="sat_tok", fields={"scope": "write"}), "diff": True},
+            {"name": "absent", **sec(tok, kv, state="absent"), "diff": True},
+            {"name": "absent-again", **sec(tok, kv, state="absent")},
+            {"name": "missing", **sec("tokens/none", kv), "ignore_errors": True},
+            {"name": "bad-path", **sec("../x", kv, generate=True), "ignore_errors": True},
+            {"name": "no-mount", **sec(turn, "nomount", generate=True), "ignore_errors": True},
+            {
+                "name": "unreachable",
+                **sec(turn, kv, generate=True, url=f"http://127.0.0.1:{free_port()}"),
+                "ignore_errors": True,
+            },
+        ]
+    )
+    assert run.rc == 0, run.stdout + run.stderr
+    assert run.result("gen-check")["changed"] and run.result("gen-check")["diff"]["before"] == {}
+    assert run.result("gen")["version"] == 1 and run.result("gen")["created"] is True  # check mode wrote nothing
+    assert run.result("gen-again")["changed"] is False and run.result("gen-again")["version"] == 1
+    rotated = run.result("rotate")
+    assert rotated["version"] == 2 and rotated["previous_version"] == 1
+    assert rotated["diff"]["after"]["value"] == "(hidden, changed)"
+    assert run.result("set")["version"] == 3 and run.result("set-again")["changed"] is False
+    assert run.result("restore")["version"] == 4
+    v1, v2, v3, v4 = (read(bao, kv, f"mesh/{turn}", v) for v in (1, 2, 3, 4))
+    assert v4 == v1 != v2 and v3 == {"value": "s3cr3t-value"} and len(v1["value"]) == 43  # token_urlsafe(32)
+    assert out.read_text() == v1["value"]
+    assert len(base64.b64decode(read(bao, kv, "mesh/coordinator/signing_key")["value"], validate=True)) == 32
+    assert read(bao, kv, "mesh/coordinator/admin_token")["value"].startswith("sat_")
+    fields = run.result("token-fields")
+    assert fields["version"] == 2 and fields["diff"]["before"]["fields"] == {"scope": "read"}
+    assert fields["diff"]["after"] == {"version": 2, "value": "(hidden)", "fields": {"scope": "write"}}
+    assert run.result("absent")["changed"] and run.result("absent-again")["changed"] is False
+    assert versions(bao, kv, f"mesh/{tok}")[1]["2"]["deletion_time"]  # soft delete: history kept
+    assert read(bao, kv, f"mesh/{tok}", 1) == {"value": "sat_tok", "scope": "read"}
+    assert "does not exist" in run.result("missing")["msg"]
+    assert "path '../x' is invalid" in run.result("bad-path")["msg"]
+    assert "no KV v2 secrets engine is mounted at nomount/" in run.result("no-mount")["msg"]
+    unreachable = run.result("unreachable")["msg"]
+    assert "is unreachable (connection failed while reading" in unreachable and "nothing was changed" in unreachable
+    everything = run.stdout + run.stderr + json.dumps(run.results)
+    for value in (v1["value"], v2["value"], "s3cr3t-value", bao.root_token):
+        assert value not in everything
+
+
+# ----- vault_kv_mount, vault_policy, vault_approle --------------------------------------------------
+def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
+    mount, kv1, pol, role, amount = uniq("m"), uniq("v1"), uniq("pol-"), uniq("role-"), uniq("ar")
+    root = bao.client()
+    root.sys.enable_secrets_engine("kv", path=kv1, options={"version": "1"})
+    paths = {f"{mount}/data/mesh/peers/a/wireguard": ["read"], f"{mount}/metadata/mesh/*": ["list", "read"]}
+    approle = {
+        "name": role,
+        "approle_mount": amount,
+        "token_policies": [pol],
+        "token_ttl": "1h",
+        "token_max_ttl": 86400,
+    }
+    out = tmp_path / "secret-id"
+    run = play.run(
+        [
+            {"name": "mount-check", "starling.mesh.vault_kv_mount": {"mount": mount}, "check_mode": True},
+            {"name": "mount", "starling.mesh.vault_kv_mount": {"mount": mount, "max_versions": 5}, "diff": True},
+            {"name": "mount-again", "starling.mesh.vault_kv_mount": {"mount": mount, "max_versions": 5}},
+            {"name": "mount-more", "starling.mesh.vault_kv_mount": {"mount": mount, "max_versions": 7}, "diff": True},
+            {"name": "mount-kv1", "starling.mesh.vault_kv_mount": {"mount": kv1}, "ignore_errors": True},
+            {"name": "pol-check", "starling.mesh.vault_policy": {"name": pol, "paths": paths}, "check_mode": True},
+            {"name": "pol", "starling.mesh.vault_policy": {"name": pol, "paths": paths}, "diff": True},
+            {"name": "pol-again", "starling.mesh.vault_policy": {"name": pol, "paths": paths}},
+            {
+                "name": "pol-bad",
+                "starling.mesh.vault_policy": {"name": pol, "paths": {"x/*": ["rread"]}},
+                "ignore_errors": True,
+            },
+            {"name": "role-check", "starling.mesh.vault_approle": approle, "check_mode": True},
+            {"name": "role", "starling.mesh.vault_approle": approle, "diff": True},
+            {"name": "role-again", "starling.mesh.vault_approle": approle},
+            {
+                "name": "sid",
+                "starling.mesh.vault_approle": {"name": role, "approle_mount": amount, "generate_secret_id": True},
+                "no_log": True,
+                "register": "sid",
+            },
+            {
+                "name": "keep",
+                "ansible.builtin.copy": {"content": "{{ sid.secret_id }}", "dest": str(out)},
+                "no_log": True,
+            },
+            {
+                "name": "prune",
+                "starling.mesh.vault_approle": {"name": role, "approle_mount": amount, "keep_secret_id_accessors": []},
+                "check_mode": True,
+            },
+            {"name": "pol-absent", "starling.mesh.vault_policy": {"name": pol + "-x", "state": "absent"}},
+        ]
+    )
+    assert run.rc == 0, run.stdout + run.stderr
+    assert run.result("mount-check")["changed"] and run.result("mount")["created"] is True
+    assert run.result("mount")["config"]["max_versions"] == 5 and run.result("mount-again")["changed"] is False
+    assert run.result("mount-more")["diff"]["before"]["max_versions"] == 5
+    assert root.secrets.kv.v2.read_configuration(mount_point=mount)["data"]["max_versions"] == 7
+    assert "KV version 1 engine is mounted at" in run.result("mount-kv1")["msg"]
+    assert root.sys.list_mounted_secrets_engines()["data"][f"{kv1}/"]["options"]["version"] == "1"
+    text = run.result("pol")["policy"]
+    assert run.result("pol")["diff"]["after"] == text and f'path "{mount}/data/mesh/peers/a/wireguard"' in text
+    assert 'capabilities = ["read", "list"]' in text and run.result("pol-again")["changed"] is False
+    assert root.sys.read_acl_policy(pol)["data"]["policy"] == text
+    assert "unknown capabilities rread" in run.result("pol-bad")["msg"]
+    assert run.result("role-check")["role_id"] is None and run.result("role-check")["changed"]
+    created = run.result("role")
+    assert created["role"]["token_ttl"] == 3600 and created["role"]["token_max_ttl"] == 86400
+    assert run.result("role-again")["changed"] is False and run.result("role-again")["role_id"] == created["role_id"]
+    assert run.result("prune")["changed"] and len(run.result("prune")["destroyed_secret_id_accessors"]) == 1
+    login = hvac.Client(url=bao.url, timeout=10)
+    login.auth.approle.login(role_id=created["role_id"], secret_id=out.read_text(), mount_point=amount)
+    assert pol in login.auth.token.lookup_self()["data"]["policies"]
+    assert out.read_text() not in run.stdout + json.dumps(run.results)
 
 
 # ----- the vault role ----------------------------------------------------------------------------
@@ -271,10 +467,14 @@ def changed_tasks(run: PlayRun) -> list[str]:
 def test_vault_role(play: Play, bao: OpenBao, tmp_path: Path) -> None:
     mount, peers = uniq("role"), ("peer-a", "peer-b")
     inventory = role_inventory(tmp_path, peers)
-    check = play.run(plays=role_play(bao, mount), inventory=inventory, args=("--check",))
+    check = play.run(
+        plays=role_play(bao, mount, starling_vault_peers=["peer-a"]), inventory=inventory, args=("--check",)
+    )
     assert check.rc == 0, check.stdout + check.stderr
     assert f"{mount}/" not in bao.client().sys.list_mounted_secrets_engines()["data"]  # check mode wrote nothing
     assert not (tmp_path / "peer-a").exists()
+    with pytest.raises(hvac.exceptions.InvalidPath):
+        bao.client().sys.read_acl_policy("starling-mesh-peer-peer-a")
 
     first = play.run(plays=role_play(bao, mount), inventory=inventory)
     assert first.rc == 0, first.stdout + first.stderr
@@ -286,19 +486,23 @@ def test_vault_role(play: Play, bao: OpenBao, tmp_path: Path) -> None:
     files = {p: (tmp_path / p / "etc" / "vault-role-id", tmp_path / p / "etc" / "vault-secret-id") for p in peers}
     for role_file, secret_file in files.values():
         assert role_file.stat().st_mode & 0o777 == 0o600 and secret_file.stat().st_mode & 0o777 == 0o600
-    secret_a = files["peer-a"][1].read_text()
+    secret_a, secret_b = files["peer-a"][1].read_text(), files["peer-b"][1].read_text()
     for text in (first.stdout, second.stdout, json.dumps(first.results)):
         assert secret_a not in text
 
     a = approle_login(bao, files["peer-a"][0].read_text(), secret_a)
-    key_a = a.secrets.kv.v2.read_secret_version(path="mesh/peers/peer-a/wireguard", mount_point=mount)
+    key_a = a.secrets.kv.v2.read_secret_version(
+        path="mesh/peers/peer-a/wireguard", mount_point=mount, raise_on_deleted_version=True
+    )
     assert set(key_a["data"]["data"]) == {"private_key", "public_key", "created_at"}
     assert key_a["auth"] is None and a.auth.token.lookup_self()["data"]["renewable"] is True
     for denied in ("mesh/peers/peer-b/wireguard", "mesh/coordinator/turn_secret"):
         with pytest.raises(hvac.exceptions.Forbidden):
-            a.secrets.kv.v2.read_secret_version(path=denied, mount_point=mount)
+            a.secrets.kv.v2.read_secret_version(path=denied, mount_point=mount, raise_on_deleted_version=True)
     with pytest.raises(hvac.exceptions.Forbidden):
-        a.secrets.kv.v2.create_or_update_secret(path="mesh/peers/peer-a/wireguard", secret={"x": "y"}, mount_point=mount)
+        a.secrets.kv.v2.create_or_update_secret(
+            path="mesh/peers/peer-a/wireguard", secret={"x": "y"}, mount_point=mount
+        )
 
     root = bao.client()
     root.secrets.kv.v2.create_or_update_secret(
@@ -310,18 +514,28 @@ def test_vault_role(play: Play, bao: OpenBao, tmp_path: Path) -> None:
         root.auth.approle.read_role_id(relay_role)["data"]["role_id"],
         root.auth.approle.generate_secret_id(relay_role)["data"]["secret_id"],
     )
-    turn = relay.secrets.kv.v2.read_secret_version(path="mesh/coordinator/turn_secret", mount_point=mount)
+    turn = relay.secrets.kv.v2.read_secret_version(
+        path="mesh/coordinator/turn_secret", mount_point=mount, raise_on_deleted_version=True
+    )
     assert turn["data"]["data"] == {"value": "turn"}
     with pytest.raises(hvac.exceptions.Forbidden):
-        relay.secrets.kv.v2.read_secret_version(path="mesh/peers/peer-a/wireguard", mount_point=mount)
+        relay.secrets.kv.v2.read_secret_version(
+            path="mesh/peers/peer-a/wireguard", mount_point=mount, raise_on_deleted_version=True
+        )
     role = root.auth.approle.read_role("starling-mesh-peer-peer-a")["data"]
     assert role["token_ttl"] == 3600 and role["token_max_ttl"] == 86400 and role["secret_id_ttl"] == 0
     assert role["token_policies"] == ["starling-mesh-peer-peer-a"]
 
     # rotation of the secret IDs: new files, the old secret ID no longer logs in
-    rotated = play.run(plays=role_play(bao, mount, starling_vault_rotate_secret_id=True), inventory=inventory)
+    extra = {
+        "starling_vault_rotate_secret_id": True,
+        "starling_vault_peers": ["peer-a"],
+        "starling_vault_peer_keys": False,
+    }
+    rotated = play.run(plays=role_play(bao, mount, **extra), inventory=inventory)
     assert rotated.rc == 0, rotated.stdout + rotated.stderr
     assert files["peer-a"][1].read_text() != secret_a
     with pytest.raises(hvac.exceptions.InvalidRequest):
         approle_login(bao, files["peer-a"][0].read_text(), secret_a)
     approle_login(bao, files["peer-a"][0].read_text(), files["peer-a"][1].read_text())
+    assert files["peer-b"][1].read_text() == secret_b  # only peer-a was rotated
