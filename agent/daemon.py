@@ -206,6 +206,8 @@ class Agent(PeerLinks, KeyRotation):
                             self.management.set(True)
                             delays = backoff_delays()
                         await self._apply(data)
+                        if event == "map" and self.map.me.get("public_key") not in (None, self.public_key):
+                            await self.present_key()
                     elif event == "deleted":
                         self.management.set(False, "this peer was removed from the mesh")
                         log.error("the coordinator removed this peer; stopping")

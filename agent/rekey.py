@@ -139,6 +139,23 @@ class KeyRotation:
         )
         return result
 
+    async def present_key(self) -> None:
+        """The coordinator holds another key than the one we run with: the key was rotated in the
+        source while this agent was down (or an earlier commit was lost). Present ours, guarded by the
+        key the coordinator holds; neighbours then switch as in a rotation."""
+        async with self._rekey_lock:
+            held = str(self.map.me.get("public_key"))
+            if held == self.public_key:
+                return
+            try:
+                await self._change(self.public_key, held, "commit", self.keys.version, "commit")
+            except RekeyError as exc:
+                log.error("the coordinator holds key %s... for us, not ours: %s", held[:8], exc)
+                return
+            self.map.me["public_key"] = self.public_key
+            log.warning("presented our key %s... (the coordinator held %s...)", self.public_key[:8], held[:8])
+            await self._event("key.reloaded", f"key {held[:8]}... -> {self.public_key[:8]}... presented at start-up")
+
     async def _change(self, public: str, previous: str, phase: str, version: int | None, stage: str) -> None:
         try:
             await self.api.change_key(public, previous, phase, version, self.keys.name)

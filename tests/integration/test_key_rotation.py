@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.fixtures.coordinator import CoordinatorProcess
-from tests.fixtures.mesh import Mesh, SignalProcess
+from tests.fixtures.mesh import Mesh, SignalProcess, wait_for
 from tests.fixtures.netns import netlab
 from tests.fixtures.openbao import dev_server
 from tests.fixtures.vault_mesh import VaultPeers
@@ -152,6 +152,28 @@ def test_denied_vault_read_fails_cleanly_and_keeps_the_old_key(rmesh: tuple[Mesh
         vault.client.sys.create_or_update_policy(
             "peer-b", 'path "starling/data/mesh/peers/b/wireguard" { capabilities = ["read"] }'
         )
+
+
+def test_key_rotated_while_the_agent_was_down_is_presented_at_start(rmesh: tuple[Mesh, VaultPeers]) -> None:
+    mesh, vault = rmesh
+    agent = mesh.agents["c"]
+    assert agent.process is not None
+    agent.process.terminate()  # SIGTERM: the daemon stops and leaves the interface for the next start
+    agent.process.wait(20)
+    sock = agent.workdir / "state" / "agent.sock"
+    wait_for(lambda: not sock.exists(), 10, what="c stopped")
+    _, public = vault.write_key("c")  # rotated in Vault while the agent is down
+    agent.process = agent.host.popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(agent.config), "daemon"], agent.workdir / "agent.log"
+    )
+    wait_for(lambda: sock.exists(), 20, what="c control socket")
+    wait_for(lambda: coordinator_key(mesh, "c") == public, 15, what="c presents its new key")
+    mesh.wait_ping("a", "c", 15)
+    mesh.wait_ping("c", "b", 15)
+    with mesh.api() as api:
+        events = api.get("/api/v1/audit", params={"action": "peer.key.*", "target_id": agent.peer_id}).json()["items"]
+    rotate = next(e for e in events if e["action"] == "peer.key.rotate")
+    assert rotate["after"]["public_key"] == public and rotate["actor"] == "peer:c", events[:3]
 
 
 # ----- the playbook ------------------------------------------------------------------------------
