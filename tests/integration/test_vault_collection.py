@@ -303,6 +303,7 @@ def test_vault_secret(play: Play, bao: OpenBao, kv: str, tmp_path: Path) -> None
             {"name": "missing", **sec("tokens/none", kv), "ignore_errors": True},
             {"name": "bad-path", **sec("../x", kv, generate=True), "ignore_errors": True},
             {"name": "no-mount", **sec(turn, "nomount", generate=True), "ignore_errors": True},
+            {"name": "bad-token", **sec(turn, kv, token="hvs.not-a-token"), "ignore_errors": True},
             {
                 "name": "unreachable",
                 **sec(turn, kv, generate=True, url=f"http://127.0.0.1:{free_port()}"),
@@ -333,6 +334,7 @@ def test_vault_secret(play: Play, bao: OpenBao, kv: str, tmp_path: Path) -> None
     assert "does not exist" in run.result("missing")["msg"]
     assert "path '../x' is invalid" in run.result("bad-path")["msg"]
     assert "no KV v2 secrets engine is mounted at nomount/" in run.result("no-mount")["msg"]
+    assert "rejected the token (invalid, expired or revoked)" in run.result("bad-token")["msg"]
     unreachable = run.result("unreachable")["msg"]
     assert "is unreachable (connection failed while reading" in unreachable and "nothing was changed" in unreachable
     everything = run.stdout + run.stderr + json.dumps(run.results)
@@ -354,6 +356,9 @@ def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
         "token_max_ttl": 86400,
     }
     out = tmp_path / "secret-id"
+    login = {"auth_method": "approle", "approle_mount": amount, "role_id": "{{ created.role_id }}"}
+    as_role = wg("a", mount, **login, secret_id="{{ sid.secret_id }}")
+    bad_login = wg("a", mount, **login, secret_id="not-the-secret-id")
     run = play.run(
         [
             {"name": "mount-check", "starling.mesh.vault_kv_mount": {"mount": mount}, "check_mode": True},
@@ -370,7 +375,7 @@ def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
                 "ignore_errors": True,
             },
             {"name": "role-check", "starling.mesh.vault_approle": approle, "check_mode": True},
-            {"name": "role", "starling.mesh.vault_approle": approle, "diff": True},
+            {"name": "role", "starling.mesh.vault_approle": approle, "diff": True, "register": "created"},
             {"name": "role-again", "starling.mesh.vault_approle": approle},
             {
                 "name": "sid",
@@ -389,6 +394,9 @@ def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
                 "check_mode": True,
             },
             {"name": "pol-absent", "starling.mesh.vault_policy": {"name": pol + "-x", "state": "absent"}},
+            {"name": "as-role-check", **as_role, "check_mode": True},
+            {"name": "as-role", **as_role, "ignore_errors": True},
+            {"name": "bad-secret-id", **bad_login, "ignore_errors": True},
         ]
     )
     assert run.rc == 0, run.stdout + run.stderr
@@ -412,6 +420,16 @@ def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
     login.auth.approle.login(role_id=created["role_id"], secret_id=out.read_text(), mount_point=amount)
     assert pol in login.auth.token.lookup_self()["data"]["policies"]
     assert out.read_text() not in run.stdout + json.dumps(run.results)
+    assert run.result("as-role-check")["changed"] is True  # the AppRole may read the metadata and its key
+    denied = run.result("as-role")["msg"]
+    assert denied == (
+        f"Vault at {bao.url}: permission denied on {mount}/data/mesh/peers/a/wireguard (writing); nothing was changed"
+    )
+    bad = run.result("bad-secret-id")["msg"]
+    assert (
+        bad.startswith(f"Vault at {bao.url}: AppRole login at auth/{amount} failed (")
+        and "not-the-secret-id" not in bad
+    )
 
 
 # ----- the vault role ----------------------------------------------------------------------------
@@ -526,13 +544,15 @@ def test_vault_role(play: Play, bao: OpenBao, tmp_path: Path) -> None:
     assert role["token_ttl"] == 3600 and role["token_max_ttl"] == 86400 and role["secret_id_ttl"] == 0
     assert role["token_policies"] == ["starling-mesh-peer-peer-a"]
 
-    # rotation of the secret IDs: new files, the old secret ID no longer logs in
+    # rotation of peer-a's secret ID (peer tasks only): a new file, the old secret ID no longer logs in
     extra = {
         "starling_vault_rotate_secret_id": True,
         "starling_vault_peers": ["peer-a"],
         "starling_vault_peer_keys": False,
     }
-    rotated = play.run(plays=role_play(bao, mount, **extra), inventory=inventory)
+    rotated = play.run(
+        plays=role_play(bao, mount, **extra), inventory=inventory, args=("--tags", "starling_vault_peers")
+    )
     assert rotated.rc == 0, rotated.stdout + rotated.stderr
     assert files["peer-a"][1].read_text() != secret_a
     with pytest.raises(hvac.exceptions.InvalidRequest):
