@@ -251,6 +251,7 @@ class Vault(object):
                     "starling.mesh.vault_kv_mount)" % (self.url, mount), "path")
             raise
         if not meta:
+            self._require_kv2(mount)
             return KvEntry(mount, path, 0, None, {})
         info = meta.get("data") or {}
         version = int(info.get("current_version") or 0)
@@ -260,6 +261,20 @@ class Vault(object):
         if version and not current.get("deletion_time") and not current.get("destroyed"):
             data = self.kv_version(mount, path, version)
         return KvEntry(mount, path, version, data, versions)
+
+    def _require_kv2(self, mount):
+        """Before creating a secret: refuse a KV version 1 (or other) engine, where a KV v2 write would silently
+        land as a plain secret under ``data/``. Best effort: sys/internal/ui/mounts is readable by any token
+        that may use the mount; when it cannot be read the write itself decides."""
+        try:
+            resp = self.client.adapter.get("/v1/sys/internal/ui/mounts/%s" % mount)
+        except Exception:  # pylint: disable=broad-except
+            return
+        info = (resp or {}).get("data") or {}
+        kind, version = info.get("type"), str((info.get("options") or {}).get("version") or "1")
+        if kind and (kind != "kv" or version != "2"):
+            what = "KV version %s" % version if kind == "kv" else "a %r engine" % kind
+            raise VaultError("Vault at %s: the secrets engine at %s/ is %s, not KV version 2" % (self.url, mount, what), "path")
 
     def kv_version(self, mount, path, version):
         """The data of one version; None when it is deleted or destroyed."""

@@ -397,6 +397,7 @@ def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
             {"name": "as-role-check", **as_role, "check_mode": True},
             {"name": "as-role", **as_role, "ignore_errors": True},
             {"name": "bad-secret-id", **bad_login, "ignore_errors": True},
+            {"name": "key-on-kv1", **wg("a", kv1), "ignore_errors": True},
         ]
     )
     assert run.rc == 0, run.stdout + run.stderr
@@ -425,6 +426,9 @@ def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
     assert denied == (
         f"Vault at {bao.url}: permission denied on {mount}/data/mesh/peers/a/wireguard (writing); nothing was changed"
     )
+    assert f"the secrets engine at {kv1}/ is KV version 1, not KV version 2" in run.result("key-on-kv1")["msg"]
+    with pytest.raises(hvac.exceptions.InvalidPath):  # nothing was written there
+        root.secrets.kv.v1.list_secrets(path="", mount_point=kv1)
     bad = run.result("bad-secret-id")["msg"]
     assert (
         bad.startswith(f"Vault at {bao.url}: AppRole login at auth/{amount} failed (")
