@@ -20,6 +20,9 @@ ROOT=$(pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 OUT=$ROOT/.state/wheelhouse
 TAR=$ROOT/.state/wheelhouse.tar
+# The build backend (from pyproject's [build-system]), kept apart: hosts do not need it, but it lets
+# the project's wheel be rebuilt offline.
+BUILD_DEPS=$ROOT/.state/wheelhouse-build
 FINGERPRINT=$OUT/.fingerprint
 PROJECT_REQ=".[postgres]"
 # Reproducible wheels (zip entry times) and archive.
@@ -73,7 +76,11 @@ rm -f "$OUT"/starling_mesh-*.whl
 if $FORCE || [[ $have_deps != "$want_deps" ]]; then
     log "dependencies changed (or --force): pip wheel $PROJECT_REQ with its dependencies"
     $FORCE && find "$OUT" -name '*.whl' -delete
-    pip_wheel --find-links "$OUT" "$PROJECT_REQ"
+    mapfile -t build_requires < <("$PYTHON" -c \
+        'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+    "$PYTHON" -m pip wheel --disable-pip-version-check --quiet --wheel-dir "$BUILD_DEPS" "${build_requires[@]}" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    pip_wheel --find-links "$OUT" --find-links "$BUILD_DEPS" "$PROJECT_REQ"
     # Wheels of dependency versions no longer wanted: keep only what a resolution picks now.
     "$PYTHON" - "$OUT" <<'EOF'
 import pathlib
@@ -97,9 +104,9 @@ for key, wheels in latest.items():
 EOF
 else
     log "sources changed: rebuilding the project wheel only (offline, dependencies from $OUT)"
-    if ! pip_wheel --no-index --find-links "$OUT" "$PROJECT_REQ"; then
+    if ! pip_wheel --no-index --find-links "$OUT" --find-links "$BUILD_DEPS" "$PROJECT_REQ"; then
         log "offline build failed (a dependency is missing): with the package index"
-        pip_wheel --find-links "$OUT" "$PROJECT_REQ"
+        pip_wheel --find-links "$OUT" --find-links "$BUILD_DEPS" "$PROJECT_REQ"
     fi
 fi
 compgen -G "$OUT/starling_mesh-*.whl" >/dev/null || die "pip wheel produced no starling_mesh wheel"

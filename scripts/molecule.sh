@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Run the role scenarios (molecule/<scenario>/) with podman, on this machine, with no network access
+# beyond the containers' own 198.18.x networks.
+#
+# Prepares what the scenarios need, each step skipped when already up to date:
+#   - the podman settings of scripts/podman-env.sh (CONTAINERS_CONF: runc, networks from 198.18.16.0/20),
+#   - the image localhost/starling-debian:12 (scripts/build-image.sh),
+#   - the wheelhouse the coordinator and signal roles install from (scripts/build-wheelhouse.sh),
+#   - .state/collections/ansible_collections/starling/mesh -> this repository, so that starling.mesh.*
+#     resolves to the working tree.
+# Every run names its containers and networks with its own prefix (STARLING_MOLECULE_PREFIX, default
+# stm<epoch><pid>) and removes what carries that prefix at the end, also after failures. It never runs
+# `molecule reset` (that removes every molecule container on the host).
+#
+# Usage: scripts/molecule.sh [SCENARIO...] [-- MOLECULE_TEST_ARGS...]   (default: every scenario)
+# Env:   MOLECULE_COMMAND (default test), e.g. MOLECULE_COMMAND=converge to keep the containers
+#        (remove them later with `scripts/molecule.sh --cleanup PREFIX`).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+BIN=$ROOT/.venv/bin
+START=$(date +%s)
+log() { printf 'molecule: [%4ds] %s\n' "$(($(date +%s) - START))" "$*"; }
+
+# shellcheck source=scripts/podman-env.sh
+source scripts/podman-env.sh
+
+cleanup_prefix() {
+    local prefix=$1 c n
+    [[ $prefix =~ ^stm[a-z0-9]*$ ]] || { log "refusing to clean up with prefix '$prefix'"; return 1; }
+    for c in $(podman ps -a --format '{{.Names}}' | grep -E "^${prefix}-" || true); do
+        podman rm -f "$c" >/dev/null 2>&1 && log "removed container $c"
+    done
+    for n in $(podman network ls --format '{{.Name}}' | grep -E "^${prefix}-" || true); do
+        podman network rm -f "$n" >/dev/null 2>&1 && log "removed network $n"
+    done
+}
+
+if [[ ${1:-} == --cleanup ]]; then
+    cleanup_prefix "${2:?usage: $0 --cleanup PREFIX}"
+    exit 0
+fi
+
+scenarios=()
+extra=()
+while (($#)); do
+    if [[ $1 == -- ]]; then
+        shift
+        extra=("$@")
+        break
+    fi
+    scenarios+=("$1")
+    shift
+done
+if ((${#scenarios[@]} == 0)); then
+    for d in molecule/*/molecule.yml; do
+        scenarios+=("$(basename "$(dirname "$d")")")
+    done
+fi
+
+for tool in podman "$BIN/molecule"; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        log "$tool not found: run 'make system venv'"
+        exit 2
+    fi
+done
+
+bash scripts/build-image.sh
+bash scripts/build-wheelhouse.sh
+
+link=.state/collections/ansible_collections/starling/mesh
+mkdir -p "$(dirname "$link")"
+if [[ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]]; then
+    ln -sfn "$ROOT" "$link"
+fi
+
+export STARLING_MOLECULE_PREFIX=${STARLING_MOLECULE_PREFIX:-stm$(date +%s)$$}
+export PATH=$BIN:$PATH
+export ANSIBLE_FORCE_COLOR=${ANSIBLE_FORCE_COLOR:-0}
+export PY_COLORS=${PY_COLORS:-0}
+command=${MOLECULE_COMMAND:-test}
+if [[ $command == test ]]; then
+    trap 'cleanup_prefix "$STARLING_MOLECULE_PREFIX"' EXIT
+fi
+
+log "prefix $STARLING_MOLECULE_PREFIX, scenarios: ${scenarios[*]}"
+failed=()
+timings=()
+for scenario in "${scenarios[@]}"; do
+    t0=$(date +%s)
+    log "molecule $command -s $scenario"
+    if molecule "$command" -s "$scenario" "${extra[@]}"; then
+        timings+=("$scenario: $(($(date +%s) - t0)) s")
+    else
+        timings+=("$scenario: FAILED after $(($(date +%s) - t0)) s")
+        failed+=("$scenario")
+    fi
+done
+log "timings: ${timings[*]}"
+if ((${#failed[@]})); then
+    log "FAILED: ${failed[*]}"
+    exit 1
+fi
+log "OK (${#scenarios[@]} scenario(s) in $(($(date +%s) - START)) s)"
