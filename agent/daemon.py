@@ -480,11 +480,16 @@ class Agent(PeerLinks, KeyRotation):
 async def _until(stream: AsyncIterator[Any], stop: asyncio.Event) -> AsyncIterator[Any]:
     """Items of `stream` until it ends or `stop` is set (a pending read is cancelled, not awaited)."""
     it = stream.__aiter__()
+    nxt: asyncio.Future[Any] | None = None
     try:
         while True:
             nxt = asyncio.ensure_future(it.__anext__())
             waiter = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({nxt, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait({nxt, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                waiter.cancel()
+                raise
             waiter.cancel()
             if nxt not in done:
                 nxt.cancel()
@@ -497,6 +502,10 @@ async def _until(stream: AsyncIterator[Any], stop: asyncio.Event) -> AsyncIterat
                 return
             yield item
     finally:
+        if nxt is not None and not nxt.done():
+            # Cancelled from outside (shutdown): the pending read must not end as an unretrieved error.
+            nxt.cancel()
+            nxt.add_done_callback(lambda f: f.cancelled() or f.exception())
         with contextlib.suppress(Exception):
             await it.aclose()  # type: ignore[attr-defined]
 
