@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 # Export the test database DSN (written by scripts/setup-postgres.sh) when it exists.
 load_pg_env = if [[ -f $(PG_ENV) ]]; then set -a; source $(PG_ENV); set +a; fi
 
-.PHONY: help system venv postgres lint ansible-checks test pytest test-fast galaxy-build demo demo-down openapi clean distclean
+.PHONY: help system venv postgres lint ansible-checks test pytest test-fast galaxy-build demo demo-down openapi clean distclean \
+	image wheelhouse molecule
 
 help:
 	@echo "make test          full CI run: system packages, .venv, PostgreSQL, lint, pytest, galaxy build"
@@ -25,6 +26,9 @@ help:
 	@echo "make demo          start a local demo coordinator (make demo-down stops it)"
 	@echo "make galaxy-build  build the starling.mesh collection tarball into build/"
 	@echo "make openapi       regenerate docs/openapi.json"
+	@echo "make molecule      role scenarios (coordinator, signal, relay) in podman containers (SCENARIOS=...)"
+	@echo "make image         build the local podman image localhost/starling-debian:12 (only when missing/changed)"
+	@echo "make wheelhouse    wheels of this project and its dependencies for the roles (.state/wheelhouse.tar)"
 	@echo "make system|venv|postgres   the individual setup steps (idempotent)"
 	@echo "make clean         remove build outputs and caches (distclean: also .venv and .state)"
 
@@ -79,6 +83,17 @@ galaxy-build:
 	$(BIN)/ansible-galaxy collection build --force --output-path build/; \
 	if [[ ! -s $$tarball ]]; then echo "galaxy-build: $$tarball was not produced" >&2; exit 1; fi; \
 	echo "galaxy-build: OK, $$tarball"
+
+# Role scenarios (not part of `make test` yet). Each step skips what is up to date.
+image: system
+	bash scripts/build-image.sh
+
+wheelhouse: venv
+	bash scripts/build-wheelhouse.sh
+
+SCENARIOS ?=
+molecule: system venv
+	bash scripts/molecule.sh $(SCENARIOS)
 
 demo: system venv
 	bash scripts/demo.sh
