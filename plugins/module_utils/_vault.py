@@ -183,8 +183,11 @@ class Vault(object):
             if isinstance(exc, hvac.exceptions.InvalidRequest):
                 return VaultError("%s: %s %s was refused: %s" % (where, verb, path, _errors(exc)), "request")
             return VaultError("%s: %s %s failed: %s: %s" % (where, verb, path, type(exc).__name__, _errors(exc)))
-        if isinstance(exc, (OSError, ValueError)):  # requests' ConnectionError and Timeout are OSErrors
+        if isinstance(exc, OSError):  # requests' ConnectionError, SSLError and Timeout are OSErrors
             name = type(exc).__name__.lower()
+            if "ssl" in name:
+                return VaultError("%s: TLS failed while %s %s (check validate_certs and ca_cert): %s"
+                                  % (where, verb, path, type(exc).__name__), "tls")
             why = "timed out" if "timeout" in name else "connection failed"
             return VaultError("%s is unreachable (%s while %s %s)" % (where, why, verb, path), "unreachable")
         return VaultError("%s: %s %s failed: %s" % (where, verb, path, type(exc).__name__))

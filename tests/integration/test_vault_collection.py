@@ -281,6 +281,7 @@ def sec(path: str, mount: str, **extra: Any) -> dict[str, Any]:
     return {"starling.mesh.vault_secret": {"path": path, "mount": mount, **extra}}
 
 
+@pytest.mark.slow
 def test_vault_secret(play: Play, bao: OpenBao, kv: str, tmp_path: Path) -> None:
     turn, tok, out = "coordinator/turn_secret", "tokens/ci", tmp_path / "value"
     run = play.run(
@@ -343,6 +344,7 @@ def test_vault_secret(play: Play, bao: OpenBao, kv: str, tmp_path: Path) -> None
 
 
 # ----- vault_kv_mount, vault_policy, vault_approle --------------------------------------------------
+@pytest.mark.slow
 def test_mount_policy_approle(play: Play, bao: OpenBao, tmp_path: Path) -> None:
     mount, kv1, pol, role, amount = uniq("m"), uniq("v1"), uniq("pol-"), uniq("role-"), uniq("ar")
     root = bao.client()
@@ -554,11 +556,13 @@ def test_vault_role(play: Play, bao: OpenBao, tmp_path: Path) -> None:
         "starling_vault_peers": ["peer-a"],
         "starling_vault_peer_keys": False,
     }
+    files["peer-a"][0].chmod(0o644)  # drift: the run puts it back
     rotated = play.run(
         plays=role_play(bao, mount, **extra), inventory=inventory, args=("--tags", "starling_vault_peers")
     )
     assert rotated.rc == 0, rotated.stdout + rotated.stderr
     assert files["peer-a"][1].read_text() != secret_a
+    assert files["peer-a"][0].stat().st_mode & 0o777 == 0o600
     with pytest.raises(hvac.exceptions.InvalidRequest):
         approle_login(bao, files["peer-a"][0].read_text(), secret_a)
     approle_login(bao, files["peer-a"][0].read_text(), files["peer-a"][1].read_text())
