@@ -21,6 +21,8 @@ description:
     the secret is missing. O(rotate=true) always writes a new random value. Without any of them the secret
     must exist (the module then only reports its version, and with O(return_value=true) its value).
   - O(state=absent) deletes the latest version (a soft delete; the history is kept and can be restored).
+  - O(version) reads an older version instead (read-only), for example the previous TURN secret that relays keep
+    during a rotation overlap.
 author:
   - Starling developers (@starling)
 extends_documentation_fragment:
@@ -85,6 +87,13 @@ options:
         version read at the start of the task is used. With O(state=absent) the module fails when the current
         version differs.
     type: int
+  version:
+    description:
+      - Read this version instead of the latest one. Read-only; the module reports the version's O(fields) and, with
+        O(return_value=true), its value. It fails when that version is unknown, deleted or destroyed.
+      - Not together with O(value), O(generate), O(rotate), O(restore_version), O(fields), O(expected_version) or
+        O(state=absent).
+    type: int
   return_value:
     description:
       - Return the secret's value (RV(value)). The task must then run with C(no_log=true); otherwise the
@@ -135,14 +144,29 @@ EXAMPLES = r"""
   starling.mesh.vault_secret:
     path: coordinator/turn_secret
     restore_version: "{{ turn.previous_version }}"
+
+- name: Read the TURN secret version before the current one (relays keep both during a rotation)
+  starling.mesh.vault_secret:
+    path: coordinator/turn_secret
+    version: "{{ turn.version - 1 }}"
+    return_value: true
+  register: previous_turn
+  no_log: true
 """
 
 RETURN = r"""
 version:
-  description: The current version after the change (the predicted one in check mode; unchanged after a delete).
+  description:
+    - The current version after the change (the predicted one in check mode; unchanged after a delete).
+    - With O(version), the version that was read.
   returned: always
   type: int
   sample: 2
+latest_version:
+  description: The latest version of the secret (0 when there is none).
+  returned: when O(version) is given
+  type: int
+  sample: 3
 previous_version:
   description: The version that was current before a write.
   returned: when written
@@ -201,6 +225,24 @@ def view(data, version, changed_value=False):
     return {"version": version, "value": HIDDEN_CHANGED if changed_value else HIDDEN, "fields": fields}
 
 
+def read_version(module, entry, result):
+    """version=N: the data of that version, read-only."""
+    p = module.params
+    wanted = p["version"]
+    state = entry.version_state(wanted)
+    data = module.vault.kv_version(module.mount, entry.path, wanted) if state == "ok" else None
+    if data is None:
+        why = {"missing": "unknown", "ok": "unreadable"}.get(state, state)
+        module.fail_json(msg="cannot read version %d of %s: that version is %s (the latest is %d)"
+                         % (wanted, entry.api_path, why, entry.version))
+    result.update(version=wanted, latest_version=entry.version,
+                  fields=dict((k, v) for k, v in data.items() if k != "value"))
+    result["diff"] = dict(before=view(data, wanted), after=view(data, wanted))
+    if p["return_value"]:
+        result["value"] = data.get("value")
+    return result
+
+
 def run(module):
     p = module.params
     vault = module.vault
@@ -211,10 +253,12 @@ def run(module):
         module.fail_json(msg="length must be between 16 and 1024 bytes, got %d" % p["length"])
     if p["fields"] is not None and "value" in p["fields"]:
         module.fail_json(msg="fields must not contain the key 'value' (use the value option)")
-    for option in ("restore_version", "expected_version"):
-        low = 1 if option == "restore_version" else 0
+    for option in ("restore_version", "expected_version", "version"):
+        low = 0 if option == "expected_version" else 1
         if p[option] is not None and p[option] < low:
             module.fail_json(msg="%s must be %d or more, got %d" % (option, low, p[option]))
+    if p["version"] is not None and p["state"] == "absent":
+        module.fail_json(msg="version reads a version; it cannot be combined with state=absent")
     if p["return_value"]:
         module.require_no_log("return_value", "the secret value")
 
@@ -227,6 +271,9 @@ def run(module):
     result = dict(changed=False, created=False, path=path, mount=module.mount, version=entry.version,
                   fields=before.get("fields", {}))
     cas = entry.version if p["expected_version"] is None else p["expected_version"]
+
+    if p["version"] is not None:
+        return read_version(module, entry, result)
 
     def check_cas():
         if module.check_mode and cas != entry.version:
@@ -309,13 +356,15 @@ def main():
             fields=dict(type="dict"),
             restore_version=dict(type="int"),
             expected_version=dict(type="int"),
+            version=dict(type="int"),
             return_value=dict(type="bool", default=False),
             state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
         mutually_exclusive=[
             ("value", "generate", "rotate", "restore_version"),
             ("fields", "restore_version"),
-        ],
+        ] + [("version", other) for other in ("value", "generate", "rotate", "restore_version", "fields",
+                                                "expected_version")],
     )
     module.run(run)
 
