@@ -14,7 +14,8 @@
 #
 # Usage: scripts/molecule.sh [SCENARIO...] [-- MOLECULE_TEST_ARGS...]   (default: every scenario)
 # Env:   MOLECULE_COMMAND (default test), e.g. MOLECULE_COMMAND=converge to keep the containers
-#        (remove them later with `scripts/molecule.sh --cleanup PREFIX`).
+#        (remove them later with `scripts/molecule.sh --cleanup PREFIX`); MOLECULE_JOBS (default 3):
+#        scenarios run at the same time, each logging to .state/molecule-logs/<prefix>-<scenario>.log.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -84,20 +85,58 @@ if [[ $command == test ]]; then
     trap 'cleanup_prefix "$STARLING_MOLECULE_PREFIX"' EXIT
 fi
 
-log "prefix $STARLING_MOLECULE_PREFIX, scenarios: ${scenarios[*]}"
+LOGS=$ROOT/.state/molecule-logs
+mkdir -p "$LOGS"
+# Scenarios run side by side (most of their time is spent waiting on containers); MOLECULE_JOBS=1 runs
+# them one after the other with the output on the terminal.
+jobs=${MOLECULE_JOBS:-3}
+log "prefix $STARLING_MOLECULE_PREFIX, scenarios: ${scenarios[*]} ($jobs at a time; logs in $LOGS)"
+
+run_one() {
+    local scenario=$1 t0 rc=0
+    t0=$(date +%s)
+    molecule "$command" -s "$scenario" "${extra[@]}" || rc=$?
+    echo "$rc $(($(date +%s) - t0))" >"$LOGS/$STARLING_MOLECULE_PREFIX-$scenario.result"
+    return "$rc"
+}
+
+pids=()
+for scenario in "${scenarios[@]}"; do
+    logfile=$LOGS/$STARLING_MOLECULE_PREFIX-$scenario.log
+    if ((jobs == 1)); then
+        log "molecule $command -s $scenario"
+        run_one "$scenario" 2>&1 | tee "$logfile" || true
+    else
+        while (($(jobs -rp | wc -l) >= jobs)); do
+            wait -n || true
+        done
+        log "molecule $command -s $scenario (log: $logfile)"
+        run_one "$scenario" >"$logfile" 2>&1 &
+        pids+=($!)
+    fi
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || true
+done
+
 failed=()
 timings=()
 for scenario in "${scenarios[@]}"; do
-    t0=$(date +%s)
-    log "molecule $command -s $scenario"
-    if molecule "$command" -s "$scenario" "${extra[@]}"; then
-        timings+=("$scenario: $(($(date +%s) - t0)) s")
+    result=$LOGS/$STARLING_MOLECULE_PREFIX-$scenario.result
+    read -r rc secs <"$result" 2>/dev/null || { rc=1; secs=?; }
+    if ((rc == 0)); then
+        timings+=("$scenario ${secs} s")
     else
-        timings+=("$scenario: FAILED after $(($(date +%s) - t0)) s")
+        timings+=("$scenario FAILED after ${secs} s")
         failed+=("$scenario")
+        if ((jobs > 1)); then
+            printf '\n===== %s: last lines of %s =====\n' "$scenario" "$LOGS/$STARLING_MOLECULE_PREFIX-$scenario.log"
+            tail -n 60 "$LOGS/$STARLING_MOLECULE_PREFIX-$scenario.log"
+        fi
     fi
+    rm -f "$result"
 done
-log "timings: ${timings[*]}"
+log "timings: $(IFS=,; echo "${timings[*]}")"
 if ((${#failed[@]})); then
     log "FAILED: ${failed[*]}"
     exit 1
