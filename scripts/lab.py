@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 STATE_ROOT = REPO / ".state" / "lab"
 IMAGE = os.environ.get("STARLING_IMAGE", "localhost/starling-debian:12")
 DEFAULT_PREFIX = "stldemo"
-PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{2,23}$")
+PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
 SLOTS = 48  # 198.19.48-95 public, 198.18.112-207 LANs: clear of podman's default 198.18.0.0/24, the
 #             molecule pool 198.18.16.0/20 and the namespace NAT lab's public bridges (198.19.100-250).
 LOCK = Path("/run/lock/starling-lab.lock") if Path("/run/lock").is_dir() else Path("/tmp/starling-lab.lock")
@@ -163,7 +163,7 @@ def allocate_slot(prefix: str) -> int:
 class Lab:
     def __init__(self, prefix: str) -> None:
         if not PREFIX_RE.match(prefix):
-            raise LabError(f"prefix {prefix!r}: 3-24 characters, lower-case letters and digits, a letter first")
+            raise LabError(f"prefix {prefix!r}: 3-32 lower-case letters, digits and '-', a letter first")
         self.prefix = prefix
         self.dir = STATE_ROOT / prefix
         self.pids = self.dir / "pids"
@@ -180,7 +180,7 @@ class Lab:
 
     @property
     def nft_table(self) -> str:
-        return f"starling_lab_{self.prefix}"
+        return "starling_lab_" + self.prefix.replace("-", "_")
 
     # addresses
     @property
@@ -227,6 +227,7 @@ class Lab:
             "hosts": hosts,
             "vault_url": f"http://{self.ip('vault')}:{VAULT_PORT}",
             "lan_range": "198.18.0.0/16",
+            "repo": str(REPO),
             "public_range": "198.19.0.0/16",
         }
 
@@ -310,8 +311,8 @@ def ensure_containers(lab: Lab) -> list[str]:
     """Create missing containers, start stopped ones; returns the hosts that are new."""
     lab.pids.mkdir(parents=True, exist_ok=True)
     bao = bao_binary()
-    created = []
-    for host, spec in HOSTS.items():
+    missing = []
+    for host in HOSTS:
         name = lab.container(host)
         state = container_state(name)
         if state == "running":
@@ -320,8 +321,12 @@ def ensure_containers(lab: Lab) -> list[str]:
             log(f"starting {name} ({state})")
             podman("start", name)
             continue
+        missing.append(host)
+
+    def create(host: str) -> None:
+        spec = HOSTS[host]
         args = [
-            "run", "-d", "--name", name, "--hostname", host, "--label", f"starling.lab={lab.prefix}",
+            "run", "-d", "--name", lab.container(host), "--hostname", host, "--label", f"starling.lab={lab.prefix}",
             "--privileged", "--systemd=always", "--stop-timeout=3",
             "--pidfile", str(lab.pids / host),
             # No name server: a lookup goes to the container's own loopback and fails at once.
@@ -332,10 +337,13 @@ def ensure_containers(lab: Lab) -> list[str]:
         if host == "vault":
             args += ["-v", f"{bao}:/usr/local/bin/bao:ro"]
         podman(*args, IMAGE, "/sbin/init")
-        created.append(host)
-    if created:
-        log(f"containers started: {', '.join(lab.container(h) for h in created)}")
-    return created
+
+    # podman serialises what must be (its locks); the rest (runc, CNI, systemd start) overlaps.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(create, missing))
+    if missing:
+        log(f"containers started: {', '.join(lab.container(h) for h in missing)}")
+    return missing
 
 
 def wait_systemd(lab: Lab, hosts: list[str]) -> None:
@@ -626,10 +634,11 @@ def cmd_up(lab: Lab) -> int:
         ensure_networks(lab)
         lab.save()
     ensure_containers(lab)
-    wait_systemd(lab, list(HOSTS))
+    # Networking needs no systemd; Ansible and OpenBao's unit do.
     configure_host(lab)
     configure_routers(lab)
     configure_routes(lab)
+    wait_systemd(lab, list(HOSTS))
     configure_vault(lab)
     lab.data.update(lab.describe())
     lab.save()
@@ -830,6 +839,85 @@ def cmd_check(lab: Lab) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# matrix: who reaches whom over the mesh, and on which path
+
+AGENTS = ("agent1", "agent2", "agent3")
+STARLING = "/usr/local/bin/starling"
+
+
+def agent_status(lab: Lab, host: str) -> dict[str, Any] | None:
+    out = lab.exec(host, STARLING, "status", "--json", check=False, timeout=20)
+    if out.returncode != 0:
+        return None
+    with contextlib.suppress(ValueError):
+        return dict(json.loads(out.stdout))
+    return None
+
+
+def mesh_matrix(lab: Lab, wait: float) -> dict[str, Any]:
+    """Each agent's view (`starling status --json`) and a ping over the mesh for every ordered pair.
+
+    Waits up to `wait` seconds for every tunnel that the agents' maps hold to leave idle/connecting."""
+    deadline = time.monotonic() + wait
+    while True:
+        with concurrent.futures.ThreadPoolExecutor(len(AGENTS)) as pool:
+            statuses = dict(zip(AGENTS, pool.map(lambda h: agent_status(lab, h), AGENTS)))
+        settled = all(
+            st is not None and all(p["path"] in ("direct", "relayed") for p in st.get("peers", []))
+            for st in statuses.values()
+        )
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    mesh_ip = {h: (st or {}).get("mesh_ip") for h, st in statuses.items()}
+    pairs = [(a, b) for a in AGENTS for b in AGENTS if a != b]
+
+    def one(pair: tuple[str, str]) -> dict[str, Any]:
+        src, dst = pair
+        st = statuses.get(src) or {}
+        peer = next((p for p in st.get("peers", []) if p.get("name") == dst), None)
+        ip = mesh_ip.get(dst)
+        ok = False
+        if ip:
+            ping = lab.exec(src, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", ip, check=False, timeout=20)
+            ok = ping.returncode == 0
+        path = peer["path"] if peer else "blocked"
+        return {"from": src, "to": dst, "path": path, "ping": ok, "mesh_ip": ip,
+                "endpoint": (peer or {}).get("endpoint"), "proxied": bool((peer or {}).get("proxied"))}  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
+        results = list(pool.map(one, pairs))
+    return {"agents": {h: {"mesh_ip": mesh_ip[h], "running": statuses[h] is not None} for h in AGENTS},
+            "pairs": results}  # fmt: skip
+
+
+def cmd_matrix(lab: Lab, wait: float, as_json: bool) -> int:
+    m = mesh_matrix(lab, wait)
+    if as_json:
+        print(json.dumps(m, indent=2))
+    else:
+        cell: dict[tuple[str, str], str] = {}
+        bad = 0
+        for r in m["pairs"]:
+            if r["path"] == "blocked":
+                text, good = ("blocked" if not r["ping"] else "blocked?! ping answered"), not r["ping"]
+            else:
+                text, good = f"{r['path']} {'ping ok' if r['ping'] else 'NO PING'}", r["ping"]
+            bad += not good
+            cell[(r["from"], r["to"])] = text
+        width = 20
+        corner = "from \\ to"
+        heads = [f"{h} {m['agents'][h]['mesh_ip'] or '?'}" for h in AGENTS]
+        print(f"  {corner:10}" + "".join(f"{head:{width + 2}}" for head in heads))
+        for a in AGENTS:
+            print(f"  {a:10}" + "".join(f"{cell.get((a, b), '-'):{width + 2}}" for b in AGENTS))
+        if bad:
+            print(f"  {bad} pair(s) not as the policy says")
+    ok = all((r["path"] == "blocked") != r["ping"] for r in m["pairs"])
+    return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------------------------------
 # probe: runs INSIDE a container (python3 - probe ...), standard library only
 
 
@@ -926,6 +1014,10 @@ def main(argv: list[str]) -> int:
     sp.add_argument("host")
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
     sub.add_parser("list", help="labs on this machine")
+    sp = sub.add_parser("matrix", help="ping over the mesh between every two agents, with the path of each tunnel")
+    sp.add_argument("prefix", nargs="?", default=os.environ.get("STARLING_LAB_PREFIX", DEFAULT_PREFIX))
+    sp.add_argument("--wait", type=float, default=60, help="seconds to wait for tunnels to connect (60)")
+    sp.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         if args.command == "list":
@@ -946,6 +1038,8 @@ def main(argv: list[str]) -> int:
         if args.command == "env":
             print(f"export STARLING_LAB_DIR={lab.dir}")
             return 0
+        if args.command == "matrix":
+            return cmd_matrix(lab, args.wait, args.json)
         if args.command == "exec":
             return cmd_exec(lab, args.host, args.cmd)
     except LabError as exc:
