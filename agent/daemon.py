@@ -37,6 +37,8 @@ from agent.rekey import KeyRotation
 from agent.wg import WireGuardBackend
 from agent.wg.backend import WireGuardError
 
+OLD_KEY_GRACE = 5.0  # s a neighbour's old key stays (without allowed IPs) after it rotated
+
 log = logging.getLogger("starling.agent")
 RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
 
@@ -307,16 +309,30 @@ class Agent(PeerLinks, KeyRotation):
         self.by_key.pop(old["public_key"], None)
         self.by_key[new["public_key"]] = conn.peer_id
         conn.public_key = new["public_key"]
+        conn.hold_until = time.monotonic() + OLD_KEY_GRACE
         try:
-            await asyncio.to_thread(self.backend.replace_peer, old["public_key"], self._peer_config(new, conn.endpoint))
+            await asyncio.to_thread(self.backend.swap_key, old["public_key"], self._peer_config(new, conn.endpoint))
         except WireGuardError as exc:
             log.error("WireGuard: cannot swap the key of %s: %s", new.get("name"), exc)
+        self._retire_key(old["public_key"])
         log.info(
             "peer %s rotated its key: %s... -> %s...", new.get("name"), old["public_key"][:8], new["public_key"][:8]
         )
         pending = self.pending.pop(new["public_key"], None)
         if pending is not None:
             await self._use_candidates(conn, pending[1])
+
+    def _retire_key(self, key: str) -> None:
+        """Remove a neighbour's old key after OLD_KEY_GRACE, unless it came back meanwhile (rollback)."""
+
+        async def later() -> None:
+            await asyncio.sleep(OLD_KEY_GRACE)
+            if key not in self.by_key:
+                await self._wg(self.backend.remove_peer, key)
+
+        task = asyncio.create_task(later())
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
 
     async def _apply_firewall(self) -> None:
         section = {"default_action": "drop", "rules": self.map.rules, "sets": self.map.sets}

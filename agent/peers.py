@@ -102,6 +102,7 @@ class PeerConnection:
     last_error: str | None = None
     offline_until: float = 0.0  # monotonic: signal said the peer is not connected (no ICE until then)
     stale_before: float = 0.0  # handshakes at or before this time belong to a path that was lost
+    hold_until: float = 0.0  # monotonic: the peer just rotated its key; its first handshake is on the way
     first_endpoint_at: float = 0.0  # monotonic time of the first direct attempt of this round
     wg_endpoint: str | None = None  # where WireGuard last heard from the peer
     proxied: bool = False  # WireGuard talks to a local proxy over an ICE pair (agent.nat.fallback)
@@ -158,6 +159,8 @@ class PeerConnection:
             if self.set_state(PathState.RELAYED if self.proxied and self.relayed else PathState.DIRECT):
                 self.offer_backoff = 1.0
             return None
+        if time.monotonic() < self.hold_until:
+            return None  # a key swap leaves WireGuard without a handshake for a round trip: not a loss
         if self.state in (PathState.DIRECT, PathState.RELAYED):
             self.set_state(PathState.LOST)
             self.next_offer_at = 0.0

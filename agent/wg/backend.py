@@ -53,13 +53,13 @@ class WireGuardBackend(abc.ABC):
     @abc.abstractmethod
     def remove_peer(self, public_key: str) -> None: ...
 
-    def replace_peer(self, old_public_key: str, peer: PeerConfig) -> None:
-        """A peer's key changed (rotation): drop the old key and add the new one with the same
-        allowed IPs and endpoint. The new key first: adding it moves the allowed IPs over, so no
-        packet finds the peer's address routed to neither key (the userspace backend does both in
-        one UAPI transaction)."""
+    def swap_key(self, old_public_key: str, peer: PeerConfig) -> None:
+        """A peer rotated its key: add the new key with the peer's allowed IPs and endpoint (which
+        moves the allowed IPs off the old key) and leave the old key without allowed IPs and
+        keepalive. Packets already queued for the old key still leave (removing it now would drop
+        them); the caller removes it a few seconds later with `remove_peer`."""
         self.set_peer(peer)
-        self.remove_peer(old_public_key)
+        self.set_peer(PeerConfig(old_public_key, (), None, 0))
 
     @abc.abstractmethod
     def peers(self) -> dict[str, PeerStats]: ...

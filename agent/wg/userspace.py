@@ -77,8 +77,10 @@ class UserspaceBackend(WireGuardBackend):
     def remove_peer(self, public_key: str) -> None:
         self.uapi.set([f"public_key={key_to_hex(public_key)}", "remove=true"])
 
-    def replace_peer(self, old_public_key: str, peer: PeerConfig) -> None:
-        self.uapi.set([f"public_key={key_to_hex(old_public_key)}", "remove=true", *peer_lines(peer)])
+    def swap_key(self, old_public_key: str, peer: PeerConfig) -> None:
+        # One UAPI transaction: the new key takes the allowed IPs, the old key keeps its queue.
+        old = [f"public_key={key_to_hex(old_public_key)}", "update_only=true", "persistent_keepalive_interval=0"]
+        self.uapi.set([*peer_lines(peer), *old, "replace_allowed_ips=true"])
 
     def peers(self) -> dict[str, PeerStats]:
         return self.uapi.get()[1]

@@ -12,8 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.coordinator import CoordinatorProcess
-from tests.fixtures.mesh import AgentHandle, Mesh, SignalProcess, wait_for
+from tests.fixtures.mesh import AgentHandle, Mesh, control_plane, wait_for
 from tests.fixtures.netns import netlab
 
 pytestmark = pytest.mark.slow
@@ -54,37 +53,22 @@ def udp_ok(src: AgentHandle, dst: AgentHandle, port: int) -> bool:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     workdir = tmp_path_factory.mktemp("fwmesh")
-    with netlab() as lab:
-        coord = CoordinatorProcess(workdir=workdir / "coordinator", config={}, host=lab.gateway)
-        signal = SignalProcess(workdir / "signal", lab.gateway, "")
+    policies = (
+        {
+            "name": "dev-db",
+            "protocol": "tcp",
+            "ports": [5432],
+            "sources": {"groups": ["dev"]},
+            "destinations": {"groups": ["db"]},
+        },
+        {"name": "dev-ci", "bidirectional": True, "sources": {"groups": ["dev"]}, "destinations": {"groups": ["ci"]}},
+    )
+    with (
+        netlab() as lab,
+        control_plane(workdir, lab.gateway, groups=("dev", "db", "ci"), policies=policies) as (coord, signal),
+    ):
         m = None
         try:
-            coord.start()
-            signal.coordinator_url = coord.url
-            signal.start()
-            with coord.client() as api:
-                api.patch("/api/v1/settings", json={"signal_url": signal.ws_url})
-                for g in ("dev", "db", "ci"):
-                    api.post("/api/v1/groups", json={"name": g})
-                api.post(
-                    "/api/v1/policies",
-                    json={
-                        "name": "dev-db",
-                        "protocol": "tcp",
-                        "ports": [5432],
-                        "sources": {"groups": ["dev"]},
-                        "destinations": {"groups": ["db"]},
-                    },
-                )
-                api.post(
-                    "/api/v1/policies",
-                    json={
-                        "name": "dev-ci",
-                        "bidirectional": True,
-                        "sources": {"groups": ["dev"]},
-                        "destinations": {"groups": ["ci"]},
-                    },
-                )
             m = Mesh(lab, coord, signal, workdir)
             for name in ("dev", "db", "ci"):
                 m.start_agent(name, [name])
@@ -119,8 +103,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         finally:
             for agent in m.agents.values() if m else []:
                 print(f"--- {agent.host.name} ---\n{agent.log_tail(30)}")
-            signal.stop()
-            coord.stop()
 
 
 def unrelated_table(mesh: Mesh) -> str:

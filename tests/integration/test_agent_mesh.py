@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.coordinator import CoordinatorProcess
-from tests.fixtures.mesh import Mesh, SignalProcess, wait_for
+from tests.fixtures.mesh import Mesh, control_plane, wait_for
 from tests.fixtures.netns import netlab
 
 pytestmark = pytest.mark.slow
@@ -22,38 +21,24 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     workdir = tmp_path_factory.mktemp("mesh")
-    with netlab() as lab:
-        coord = CoordinatorProcess(workdir=workdir / "coordinator", config={}, host=lab.gateway)
-        signal = SignalProcess(workdir / "signal", lab.gateway, "")
+    with (
+        netlab() as lab,
+        control_plane(
+            workdir,
+            lab.gateway,
+            groups=("alpha", "beta", "gamma"),
+            policies=(("alpha", "beta"), ("beta", "gamma")),
+        ) as (coord, signal),
+    ):
+        m = Mesh(lab, coord, signal, workdir)
         try:
-            coord.start()
-            signal.coordinator_url = coord.url
-            signal.start()
-            with coord.client() as api:
-                assert api.patch("/api/v1/settings", json={"signal_url": signal.ws_url}).status_code == 200
-                for g in ("alpha", "beta", "gamma"):
-                    api.post("/api/v1/groups", json={"name": g})
-                for src, dst in (("alpha", "beta"), ("beta", "gamma")):
-                    r = api.post(
-                        "/api/v1/policies",
-                        json={
-                            "name": f"{src}-{dst}",
-                            "bidirectional": True,
-                            "sources": {"groups": [src]},
-                            "destinations": {"groups": [dst]},
-                        },
-                    )
-                    assert r.status_code == 201, r.text
-            m = Mesh(lab, coord, signal, workdir)
             for name, group in (("a", "alpha"), ("b", "beta"), ("c", "gamma")):
                 m.start_agent(name, [group])
             yield m
         finally:
-            for agent in list(locals().get("m", Mesh(lab, coord, signal, workdir)).agents.values()):
+            for agent in m.agents.values():
                 print(f"--- agent {agent.host.name} log ---\n{agent.log_tail()}")
                 print(agent.host.exec("wg", "show", "all", check=False).stdout)
-            signal.stop()
-            coord.stop()
 
 
 def policy_id(mesh: Mesh, name: str) -> str:

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.coordinator import CoordinatorProcess
-from tests.fixtures.mesh import Mesh, SignalProcess, wait_for
+from tests.fixtures.mesh import Mesh, control_plane, wait_for
 from tests.fixtures.netns import netlab
 from tests.fixtures.openbao import dev_server
 from tests.fixtures.vault_mesh import VaultPeers
@@ -34,23 +33,14 @@ NAMES = ("a", "b", "c")
 @pytest.fixture(scope="module")
 def rmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, VaultPeers]]:
     workdir = tmp_path_factory.mktemp("rotation")
-    with netlab() as lab, dev_server(workdir / "bao", host=lab.gateway) as bao:
+    with (
+        netlab() as lab,
+        dev_server(workdir / "bao", host=lab.gateway) as bao,
+        control_plane(workdir, lab.gateway, groups=("ring",), policies=(("ring", "ring"),)) as (coord, signal),
+    ):
         vault = VaultPeers(bao, workdir)
-        coord = CoordinatorProcess(workdir=workdir / "coordinator", config={}, host=lab.gateway)
-        signal = SignalProcess(workdir / "signal", lab.gateway, "")
         mesh = Mesh(lab, coord, signal, workdir)
         try:
-            coord.start()
-            signal.coordinator_url = coord.url
-            signal.start()
-            with coord.client() as api:
-                assert api.patch("/api/v1/settings", json={"signal_url": signal.ws_url}).status_code == 200
-                api.post("/api/v1/groups", json={"name": "ring"})
-                r = api.post(
-                    "/api/v1/policies",
-                    json={"name": "ring", "sources": {"groups": ["ring"]}, "destinations": {"groups": ["ring"]}},
-                )
-                assert r.status_code == 201, r.text
             for name in NAMES:
                 mesh.start_agent(name, ["ring"], config=vault.add(name))
             for src in NAMES:
@@ -61,8 +51,6 @@ def rmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Vaul
         finally:
             for agent in mesh.agents.values():
                 print(f"--- agent {agent.host.name} log ---\n{agent.log_tail(120)}")
-            signal.stop()
-            coord.stop()
 
 
 class Pings:
@@ -76,20 +64,33 @@ class Pings:
                     continue
                 log = workdir / f"ping-{src}-{dst}.log"
                 log.unlink(missing_ok=True)
+                # -D -O: a timestamp per reply and a line per missing one, to place a loss in the agents' logs.
                 proc = mesh.agents[src].host.popen(
-                    ["ping", "-n", "-q", "-i", "0.1", "-c", str(count), "-W", "5", mesh.agents[dst].mesh_ip], log
+                    ["ping", "-n", "-D", "-O", "-i", "0.1", "-c", str(count), "-W", "5", mesh.agents[dst].mesh_ip], log
                 )
                 self.procs[(src, dst)] = (proc, log)
 
     def lost(self) -> dict[str, int]:
         out = {}
+        self.missing: dict[str, list[str]] = {}
         for (src, dst), (proc, log) in self.procs.items():
             proc.wait(120)
             text = log.read_text()
             m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
             assert m, text
             out[f"{src}->{dst}"] = int(m.group(1)) - int(m.group(2))
+            self.missing[f"{src}->{dst}"] = [line for line in text.splitlines() if "no answer yet" in line]
         return out
+
+
+def rotation_log(mesh: Mesh) -> str:
+    """The agents' log lines around key changes and path changes (for a failed loss assertion)."""
+    words = ("rotat", "presented", "WireGuard", "endpoint", "lost", "offer", "answer", "ERROR", "WARNING")
+    out = []
+    for name, agent in mesh.agents.items():
+        lines = [line for line in agent.log_tail(400).splitlines() if any(w in line for w in words)]
+        out.append(f"--- {name}\n" + "\n".join(lines[-60:]))
+    return "\n".join(out)
 
 
 def reload(mesh: Mesh, name: str, expect: str | None = None) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def test_rotating_every_key_loses_no_packet(rmesh: tuple[Mesh, VaultPeers], tmp_
         results[name] = result
     lost = pings.lost()
     print("rotation results:", json.dumps(results, indent=1), "lost:", lost)
-    assert sum(lost.values()) == 0, lost
+    assert sum(lost.values()) == 0, (lost, pings.missing, rotation_log(mesh))
     with mesh.api() as api:
         actions = [e["action"] for e in api.get("/api/v1/audit", params={"limit": 200}).json()["items"]]
     for action in ("peer.key.prepare", "peer.key.rotate", "peer.key.verified"):
@@ -232,7 +233,7 @@ def test_rotate_keys_playbook_loses_no_packet(rmesh: tuple[Mesh, VaultPeers], tm
         assert coordinator_key(mesh, name) == data["public_key"] != before[name][0]
         assert mesh.agents[name].status()["public_key"] == data["public_key"]
     print("playbook rotation, lost packets per direction:", lost)
-    assert sum(lost.values()) == 0, lost
+    assert sum(lost.values()) == 0, (lost, pings.missing, rotation_log(mesh))
     assert "changed=2" in run.stdout  # per host: the Vault write and the agent's reload
 
 

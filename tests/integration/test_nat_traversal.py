@@ -10,6 +10,7 @@ while pairs are direct (no loss), and a symmetric NAT becomes endpoint-independe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -19,9 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.coordinator import CoordinatorProcess
 from tests.fixtures.coturn import CoturnProcess
-from tests.fixtures.mesh import Mesh, SignalProcess, wait_for
+from tests.fixtures.mesh import Mesh, control_plane, wait_for
 from tests.fixtures.natlab import NatLab, natlab
 
 pytestmark = pytest.mark.slow
@@ -34,40 +34,21 @@ LAYOUT = {"e1": "eim", "e2": "eim", "s1": "symmetric", "s2": "symmetric", "p": "
 def nat_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     workdir = tmp_path_factory.mktemp("nat")
     secret = secrets.token_urlsafe(24)
-    with natlab() as lab:
+    with natlab() as lab, contextlib.ExitStack() as stack:
         coturn = CoturnProcess(workdir / "coturn", lab.public_gateway, secret=secret)
         coturn.start()
-        coord = CoordinatorProcess(
-            workdir=workdir / "coordinator",
-            config={
-                # The shortest credential lifetime: relayed pairs move to a new allocation every
-                # ~30 s during this suite (coturn refuses to refresh one whose credential expired).
-                "mesh": {"turn_servers": [coturn.turn_url], "credential_ttl": 60},
-                "secrets": {"source": "config", "turn_secret": secret},
-            },
-            host=lab.public_gateway,
-        )
-        signal = SignalProcess(workdir / "signal", lab.public_gateway, "")
-        m: Mesh | None = None
+        stack.callback(coturn.stop)
+        config = {
+            # The shortest credential lifetime: relayed pairs move to a new allocation every
+            # ~30 s during this suite (coturn refuses to refresh one whose credential expired).
+            "mesh": {"turn_servers": [coturn.turn_url], "credential_ttl": 60},
+            "secrets": {"source": "config", "turn_secret": secret},
+        }
+        plane = control_plane(workdir, lab.public_gateway, config=config, groups=("all",), policies=(("all", "all"),))
+        coord, signal = stack.enter_context(plane)
+        m = Mesh(lab, coord, signal, workdir)  # type: ignore[arg-type]
+        m.coturn = coturn  # type: ignore[attr-defined]
         try:
-            coord.start()
-            signal.coordinator_url = coord.url
-            signal.start()
-            with coord.client() as api:
-                assert api.patch("/api/v1/settings", json={"signal_url": signal.ws_url}).status_code == 200
-                api.post("/api/v1/groups", json={"name": "all"})
-                r = api.post(
-                    "/api/v1/policies",
-                    json={
-                        "name": "all",
-                        "bidirectional": True,
-                        "sources": {"groups": ["all"]},
-                        "destinations": {"groups": ["all"]},
-                    },
-                )
-                assert r.status_code == 201, r.text
-            m = Mesh(lab, coord, signal, workdir)  # type: ignore[arg-type]
-            m.coturn = coturn  # type: ignore[attr-defined]
             for name, kind in LAYOUT.items():
                 if kind == "public":
                     host = lab.add_public_host(name)
@@ -76,11 +57,8 @@ def nat_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 m.start_agent(name, ["all"], host=host)
             yield m
         finally:
-            for agent in m.agents.values() if m else []:
+            for agent in m.agents.values():
                 print(f"--- agent {agent.host.name} log ---\n{agent.log_tail(120)}")
-            signal.stop()
-            coord.stop()
-            coturn.stop()
 
 
 def path_of(mesh: Mesh, src: str, dst: str) -> dict[str, object]:
@@ -365,47 +343,30 @@ def test_wrong_turn_secret_is_reported_not_fatal(tmp_path_factory: pytest.TempPa
     """The coordinator hands out TURN credentials coturn refuses: two peers behind symmetric NATs
     cannot connect, and both agents say exactly why (and keep running)."""
     workdir = tmp_path_factory.mktemp("natbad")
-    with natlab() as lab:
+    with natlab() as lab, contextlib.ExitStack() as stack:
         coturn = CoturnProcess(workdir / "coturn", lab.public_gateway, secret=secrets.token_urlsafe(24))
         coturn.start()
-        coord = CoordinatorProcess(
-            workdir=workdir / "coordinator",
-            config={
-                "mesh": {"turn_servers": [coturn.turn_url]},
-                "secrets": {"source": "config", "turn_secret": "not-the-coturn-secret"},
-            },
-            host=lab.public_gateway,
-        )
-        signal = SignalProcess(workdir / "signal", lab.public_gateway, "")
+        stack.callback(coturn.stop)
+        config = {
+            "mesh": {"turn_servers": [coturn.turn_url]},
+            "secrets": {"source": "config", "turn_secret": "not-the-coturn-secret"},
+        }
+        plane = control_plane(workdir, lab.public_gateway, config=config, groups=("all",), policies=(("all", "all"),))
+        coord, signal = stack.enter_context(plane)
+        m = Mesh(lab, coord, signal, workdir)  # type: ignore[arg-type]
+        for name in ("x1", "x2"):
+            m.start_agent(name, ["all"], host=lab.add_host(name, lab.add_router(f"r{name}", "symmetric")))
+
+        def reported() -> bool:
+            return "credentials refused" in str(path_of(m, "x1", "x2").get("last_error"))
+
         try:
-            coord.start()
-            signal.coordinator_url = coord.url
-            signal.start()
-            with coord.client() as api:
-                api.patch("/api/v1/settings", json={"signal_url": signal.ws_url})
-                api.post("/api/v1/groups", json={"name": "all"})
-                api.post(
-                    "/api/v1/policies",
-                    json={"name": "all", "sources": {"groups": ["all"]}, "destinations": {"groups": ["all"]}},
-                )
-            m = Mesh(lab, coord, signal, workdir)  # type: ignore[arg-type]
-            for name in ("x1", "x2"):
-                m.start_agent(name, ["all"], host=lab.add_host(name, lab.add_router(f"r{name}", "symmetric")))
-
-            def reported() -> bool:
-                return "credentials refused" in str(path_of(m, "x1", "x2").get("last_error"))
-
-            try:
-                wait_for(reported, 30, what="TURN refusal reported")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{m.diagnose('x1', 'x2')}") from None
-            assert path_of(m, "x1", "x2")["path"] in ("connecting", "lost")
-            assert not m.can_ping("x1", "x2", wait=0.5)
-            # STUN needs no credentials: the public mapping is still known.
-            assert m.agents["x1"].status()["nat"]["reflexive"]["address"]
-            explained = m.agents["x1"].cli("explain", "x2")
-            assert explained.returncode == 0 and "credentials refused" in explained.stdout, explained.stdout
-        finally:
-            signal.stop()
-            coord.stop()
-            coturn.stop()
+            wait_for(reported, 30, what="TURN refusal reported")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{m.diagnose('x1', 'x2')}") from None
+        assert path_of(m, "x1", "x2")["path"] in ("connecting", "lost")
+        assert not m.can_ping("x1", "x2", wait=0.5)
+        # STUN needs no credentials: the public mapping is still known.
+        assert m.agents["x1"].status()["nat"]["reflexive"]["address"]
+        explained = m.agents["x1"].cli("explain", "x2")
+        assert explained.returncode == 0 and "credentials refused" in explained.stdout, explained.stdout

@@ -66,6 +66,7 @@ class Stack:
             "ansible_python_interpreter": sys.executable,
             "starling_relay_userdb": str(self.coturn.userdb),
             "starling_relay_realm": self.coturn.realm,
+            "starling_relay_secrets_helper": str(self.workdir / "turn-secrets"),
         }
         inventory.write_text(yaml.safe_dump({"all": {"children": {"starling_relays": {"hosts": {"relay1": relay}}}}}))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "VAULT_", "BAO_", "STARLING_"))}
