@@ -1,252 +1,107 @@
 #!/usr/bin/env bash
-# `make demo`: a local coordinator with an embedded SQLite store in .state/demo/, plus a demo
-# group and setup key, and a short "how to use it" block. `scripts/demo.sh down` stops it.
+# `make demo`: the whole mesh on this machine, in podman containers, deployed by playbooks/site.yml.
 #
-# Idempotent: a demo coordinator that already runs (pid file + live process) is reused.
-# It binds 127.0.0.1 only (port 8080, or a free port when 8080 is taken).
+#   1. what it needs, each step skipped when up to date: the image localhost/starling-debian:12
+#      (scripts/build-image.sh), the wheelhouse the roles install from (scripts/build-wheelhouse.sh), the
+#      collection path .state/collections -> this repository (`make demo` runs `make system venv` first);
+#   2. the lab (scripts/lab.sh up stldemo): coordinator + signal, coturn, OpenBao, two NAT routers
+#      (endpoint-independent and symmetric), three agent hosts, on --internal podman networks in 198.18.0.0/15;
+#   3. ansible-playbook playbooks/site.yml -i examples/lab/inventory (Vault, coordinator, signal, relay,
+#      settings, agents, policy from examples/lab/policies);
+#   4. the result: the peers as the starling.mesh.coordinator inventory plugin lists them, each agent's
+#      `starling status`, and who reaches whom over the mesh (ping) on which path.
+#
+# Idempotent: a second run reuses the lab and the playbook changes nothing. `scripts/demo.sh down`
+# (`make demo-down`) removes the containers, networks, host firewall table and .state/lab/stldemo.
+# Env: STARLING_DEMO_PREFIX (default stldemo), ANSIBLE_ARGS (extra ansible-playbook arguments).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-REPO=$(pwd)
-DEMO=$REPO/.state/demo
-CONFIG=$DEMO/coordinator.yaml
-PIDFILE=$DEMO/coordinator.pid
-LOG=$DEMO/coordinator.log
-KEYFILE=$DEMO/setup-key
-HEADER=$DEMO/auth.header
-BIN=$REPO/.venv/bin
-PY=$BIN/python
-HOST=127.0.0.1
-PREFERRED_PORT=8080
-GROUP=demo
+ROOT=$(pwd)
+BIN=$ROOT/.venv/bin
+PREFIX=${STARLING_DEMO_PREFIX:-stldemo}
+LAB_DIR=$ROOT/.state/lab/$PREFIX
+START=$(date +%s)
 
-log() { printf 'demo: %s\n' "$*"; }
+step() { printf '\n\033[1m==> [%3ds] %s\033[0m\n' "$(($(date +%s) - START))" "$*"; }
 die() { printf 'demo: ERROR: %s\n' "$*" >&2; exit 1; }
 
-# STARLING_* variables in the caller's environment would override the demo's config file.
-COORDINATOR=(env -u STARLING_CONFIG -u STARLING_DATABASE_URL -u STARLING_LISTEN_HOST -u STARLING_LISTEN_PORT
-    -u STARLING_STATE_DIR -u STARLING_LOG_FORMAT -u STARLING_LOG_LEVEL
-    "$BIN/starling-coordinator" --config "$CONFIG")
-coordinator() { "${COORDINATOR[@]}" "$@"; }
+mkdir -p "$ROOT/.state"
+exec 9>"$ROOT/.state/.demo.lock"
+flock 9
 
-# The PID of the running demo coordinator, or failure. Checks the command line too, so that a
-# recycled PID from a stale pid file is never taken for ours (nor killed).
-demo_pid() {
-    local pid cmdline
-    [[ -f $PIDFILE ]] || return 1
-    pid=$(<"$PIDFILE")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-    [[ $cmdline == *starling-coordinator* && $cmdline == *"$CONFIG"* && $cmdline == *serve* ]] || return 1
-    printf '%s\n' "$pid"
-}
-
-down() {
-    local pid
-    if pid=$(demo_pid); then
-        log "stopping the demo coordinator (PID $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "PID $pid did not stop within 10 s: sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    elif [[ -f $PIDFILE ]]; then
-        log "no demo coordinator runs (stale pid file)"
-    else
-        log "no demo coordinator runs"
-    fi
-    rm -rf "$DEMO"
-    log "removed ${DEMO#"$REPO"/}"
-}
-
-port_free() {
-    "$PY" - "$HOST" "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-try:
-    s.bind((sys.argv[1], int(sys.argv[2])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-}
-
-free_port() {
-    "$PY" - "$HOST" <<'EOF'
-import socket, sys
-with socket.socket() as s:
-    s.bind((sys.argv[1], 0))
-    print(s.getsockname()[1])
-EOF
-}
-
-config_port() {
-    "$PY" - "$CONFIG" <<'EOF'
-import sys, yaml
-with open(sys.argv[1]) as f:
-    print(int(yaml.safe_load(f)["listen"]["port"]))
-EOF
-}
-
-healthy() { curl -fsS -m 2 -o /dev/null "http://$HOST:$1/healthz" 2>/dev/null; }
-
-wait_healthy() {  # wait_healthy PORT PID
-    for _ in $(seq 1 150); do
-        healthy "$1" && return 0
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 0.2
-    done
-    return 1
-}
-
-# Start a command detached (own session, no terminal, only fds 0-2): it outlives `make demo`
-# and holds none of our fds (the lock, a caller's pipe). Keeps the PID: setsid does not fork
-# here, since a background subshell of a script is not a process-group leader.
-start_detached() {
-    (
-        for fd in /proc/self/fd/*; do
-            fd=${fd##*/}
-            if ((fd > 2)); then eval "exec $fd>&-"; fi
-        done
-        exec setsid "$@"
-    ) </dev/null >>"$LOG" 2>&1 &
-    echo $!
-}
-
-# api METHOD PATH [JSON]: sets API_STATUS (HTTP code, 000 when unreachable) and API_BODY.
-# The admin token is read by curl from a 0600 header file, never passed on a command line.
-api() {
-    local out args=(-sS -m 10 -X "$1" -H "@$HEADER" -w '\n%{http_code}')
-    if [[ $# -ge 3 ]]; then
-        args+=(-H 'Content-Type: application/json' --data-binary "$3")
-    fi
-    out=$(curl "${args[@]}" "$URL$2" 2>&1) || true
-    API_STATUS=${out##*$'\n'}
-    API_BODY=${out%$'\n'*}
-    [[ $API_STATUS =~ ^[0-9]{3}$ ]] || API_STATUS=000
-}
-json() {  # json EXPR: evaluate EXPR on the JSON document `d` read from stdin
-    "$PY" -c "import json, sys; d = json.load(sys.stdin); print($1)"
-}
-
-# --------------------------------------------------------------------------------------------
 case ${1:-up} in
     up) ;;
     down)
-        mkdir -p "$REPO/.state"
-        exec 9>"$REPO/.state/.demo.lock"
-        flock 9
-        down
+        bash scripts/lab.sh down "$PREFIX"
+        # The coordinator-only demo of earlier versions kept its state here.
+        rm -rf "$ROOT/.state/demo"
         exit 0
         ;;
     *) die "usage: $0 [up|down]" ;;
 esac
 
-[[ -x $BIN/starling-coordinator ]] || die "$BIN/starling-coordinator missing: run 'make venv' first"
-command -v curl >/dev/null 2>&1 || die "curl is required (apt-get install curl)"
+[[ $(id -u) -eq 0 ]] || die "the lab needs root (podman, nftables, nsenter)"
+[[ -x $BIN/ansible-playbook ]] || die "$BIN/ansible-playbook missing: run 'make venv' (make demo does)"
 
-mkdir -p "$REPO/.state"
-exec 9>"$REPO/.state/.demo.lock"
-flock 9
+step "image, wheelhouse, collection path"
+bash scripts/build-image.sh
+bash scripts/build-wheelhouse.sh
+link=.state/collections/ansible_collections/starling/mesh
+mkdir -p "$(dirname "$link")"
+[[ "$(readlink "$link" 2>/dev/null)" == "$ROOT" ]] || ln -sfn "$ROOT" "$link"
 
-umask 077
-if pid=$(demo_pid); then
-    PORT=$(config_port)
-    log "reusing the running demo coordinator (PID $pid, port $PORT)"
-    wait_healthy "$PORT" "$pid" || die "demo coordinator PID $pid is not healthy; see $LOG (or 'make demo-down')"
-else
-    if [[ -f $PIDFILE ]]; then
-        log "removing a stale pid file"
-        rm -f "$PIDFILE"
-    fi
-    mkdir -p "$DEMO"
-    chmod 700 "$DEMO"
-    if port_free "$PREFERRED_PORT"; then
-        PORT=$PREFERRED_PORT
-    else
-        PORT=$(free_port)
-        log "port $PREFERRED_PORT is busy: using $PORT"
-    fi
-    cat >"$CONFIG" <<EOF
-# Written by scripts/demo.sh; 'make demo-down' stops the coordinator and deletes this directory.
-listen:
-  host: $HOST
-  port: $PORT
-database:
-  url: "sqlite:///$DEMO/coordinator.db"
-state_dir: "$DEMO"
-secrets:
-  source: config
-EOF
-    log "migrating the demo database"
-    coordinator migrate >>"$LOG" 2>&1 || { tail -n 20 "$LOG" >&2; die "migrate failed (log: $LOG)"; }
-    log "starting the coordinator on $HOST:$PORT"
-    pid=$(start_detached "${COORDINATOR[@]}" serve)
-    echo "$pid" >"$PIDFILE"
-    if ! wait_healthy "$PORT" "$pid"; then
-        tail -n 30 "$LOG" >&2
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-        fi
-        rm -f "$PIDFILE"
-        die "the coordinator did not become healthy on port $PORT (log: $LOG)"
-    fi
-fi
-URL=http://$HOST:$PORT
-
-TOKEN=$(coordinator show-admin-token 2>>"$LOG" | tail -n 1 | tr -d '[:space:]')
-[[ -n $TOKEN ]] || die "show-admin-token printed nothing (log: $LOG)"
-printf 'Authorization: Bearer %s\n' "$TOKEN" >"$HEADER"
-chmod 600 "$HEADER"
-unset TOKEN
-
-# The demo group (reused when it exists).
-api GET "/api/v1/groups?name=$GROUP"
-[[ $API_STATUS == 200 ]] || die "GET /api/v1/groups answered $API_STATUS: $API_BODY"
-if [[ $(json "sum(1 for g in d['items'] if g['name'] == '$GROUP')" <<<"$API_BODY") == 0 ]]; then
-    api POST /api/v1/groups "{\"name\": \"$GROUP\", \"description\": \"created by make demo\"}"
-    [[ $API_STATUS == 201 || $API_STATUS == 409 ]] || die "POST /api/v1/groups answered $API_STATUS: $API_BODY"
-    log "created group '$GROUP'"
+step "lab: scripts/lab.sh up $PREFIX"
+if ! bash scripts/lab.sh up "$PREFIX"; then
+    die "the lab did not come up; 'make demo-down' removes what was made"
 fi
 
-# A reusable setup key that puts enrolled peers into the demo group. The coordinator shows a
-# key only once, so it is kept in $KEYFILE (0600) and reused while that file exists.
-if [[ ! -s $KEYFILE ]]; then
-    name=demo
-    for attempt in 1 2; do
-        api POST /api/v1/setup-keys "{\"name\": \"$name\", \"reusable\": true, \"auto_groups\": [\"$GROUP\"]}"
-        if [[ $API_STATUS == 409 && $attempt == 1 ]]; then
-            name=demo-$(date +%s)  # 'demo' exists but its key file is gone: make another one
-            continue
-        fi
-        break
-    done
-    [[ $API_STATUS == 201 ]] || die "POST /api/v1/setup-keys answered $API_STATUS: $API_BODY"
-    json "d['key']" <<<"$API_BODY" >"$KEYFILE"
-    chmod 600 "$KEYFILE"
-    log "created setup key '$name'"
-fi
+export STARLING_LAB_DIR=$LAB_DIR
+export PATH=$BIN:$PATH
+export ANSIBLE_COLLECTIONS_PATH=$ROOT/.state/collections
+export ANSIBLE_ROLES_PATH=$ROOT/roles
+export ANSIBLE_FORKS=${ANSIBLE_FORKS:-10}
+export ANSIBLE_CALLBACK_RESULT_FORMAT=yaml
+export ANSIBLE_DISPLAY_SKIPPED_HOSTS=false
+export ANSIBLE_HOST_KEY_CHECKING=false
+unset STARLING_URL STARLING_TOKEN VAULT_ADDR VAULT_TOKEN BAO_ADDR BAO_TOKEN
 
-pid=$(demo_pid) || die "the demo coordinator is gone (log: $LOG)"
-rel=${DEMO#"$REPO"/}
+step "ansible-playbook playbooks/site.yml -i examples/lab/inventory"
+log=$LAB_DIR/site.log
+# shellcheck disable=SC2086  # ANSIBLE_ARGS is a list of words
+if ! ansible-playbook playbooks/site.yml -i examples/lab/inventory ${ANSIBLE_ARGS:-} 2>&1 | tee "$log"; then
+    die "site.yml failed (log: ${log#"$ROOT"/}); fix and run 'make demo' again, or 'make demo-down'"
+fi
+recap=$(sed -n '/^PLAY RECAP/,$p' "$log" | grep -E 'ok=' || true)
+changed=$(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^changed=/) { split($i, a, "="); s += a[2] } } END { print s + 0 }' <<<"$recap")
+
+step "peers: ansible-inventory -i examples/lab/mesh.coordinator.yml --list (the starling.mesh.coordinator plugin)"
+bash scripts/lab.sh peers "$PREFIX"
+
+step "starling status on each agent"
+for agent in agent1 agent2 agent3; do
+    printf '\n[%s] starling status\n' "$agent"
+    bash scripts/lab.sh exec -p "$PREFIX" "$agent" starling status 2>&1 | sed 's/^/  /' || true
+done
+
+step "reachability over the mesh: ping from each row to each column, path from the row's starling status"
+matrix_rc=0
+bash scripts/lab.sh matrix "$PREFIX" --wait 60 || matrix_rc=$?
+
+elapsed=$(($(date +%s) - START))
 cat <<EOF
 
-Starling demo coordinator running (PID $pid), SQLite store in $rel/
-  API:        $URL/api/v1/          docs: $URL/docs
-  log:        $rel/coordinator.log
-  setup key:  reusable, auto-group '$GROUP': cat $rel/setup-key
+Starling demo: ${elapsed} s; site.yml: ${changed} change(s) this run (0 on a re-run: idempotent).
+  direct   WireGuard straight between the two hosts (through agent1's endpoint-independent NAT)
+  relayed  through coturn on 'relay' (agent2's symmetric NAT gives every destination a new port)
+  blocked  no policy allows the pair (examples/lab/policies): no tunnel, and both agents drop the traffic
 
-Use it:
-  export STARLING_URL=$URL STARLING_TOKEN="\$($BIN/starling-coordinator --config $CONFIG show-admin-token)"
-  curl -s -H "Authorization: Bearer \$STARLING_TOKEN" \$STARLING_URL/api/v1/peers
-  curl -s -H "Authorization: Bearer \$STARLING_TOKEN" \$STARLING_URL/api/v1/groups
-  curl -s -H "Authorization: Bearer \$STARLING_TOKEN" \$STARLING_URL/api/v1/policies
-
-Stop it (and delete $rel/): make demo-down
+Try:
+  scripts/lab.sh exec agent1 starling status -d      # per peer: path, endpoint, candidates, relay
+  scripts/lab.sh exec agent2 starling explain agent1 # why that pair is relayed
+  eval "\$(scripts/lab.sh env)"; ansible-inventory -i examples/lab/mesh.coordinator.yml --graph
+  STARLING_LAB_DIR=$LAB_DIR ansible-playbook playbooks/site.yml -i examples/lab/inventory --check --diff
+  scripts/lab.sh check                               # the lab's NAT and isolation checks
+  make demo-down                                     # remove everything
 EOF
+exit "$matrix_rc"

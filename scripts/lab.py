@@ -45,6 +45,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -683,6 +684,83 @@ def cmd_down(lab: Lab) -> int:
     return 0
 
 
+def admin_token(lab: Lab) -> str:
+    """The coordinator's admin token, as playbooks/site.yml keeps it in Vault (mount starling, prefix mesh)."""
+    token_file = lab.dir / "vault-token"
+    if not token_file.exists():
+        return ""
+    with contextlib.suppress(OSError, ValueError):
+        status, body = vault_request(lab, "GET", "/v1/starling/data/mesh/coordinator/admin_token",
+                                     token=token_file.read_text().strip())  # fmt: skip
+        if status == 200:
+            return str(body["data"]["data"]["value"])
+    return ""
+
+
+def cmd_env(lab: Lab) -> int:
+    """Shell exports for working with the lab by hand (eval "$(scripts/lab.sh env)")."""
+    if not lab.data.get("hosts"):
+        raise LabError(f"lab {lab.prefix} is not up")
+    quote = shlex.quote
+    print(f"export STARLING_LAB_DIR={quote(str(lab.dir))}")
+    print(f"export STARLING_URL=http://{lab.ip('coord')}:8080")
+    token = admin_token(lab)
+    if token:
+        print(f"export STARLING_TOKEN={quote(token)}")
+    else:
+        print("# STARLING_TOKEN: not in Vault yet (playbooks/site.yml puts the coordinator's admin token there)")
+    print(f"export ANSIBLE_COLLECTIONS_PATH={quote(str(REPO / '.state' / 'collections'))}")
+    print(f"export PATH={quote(str(REPO / '.venv' / 'bin'))}:\"$PATH\"")
+    return 0
+
+
+def unwrap(value: Any) -> Any:
+    """ansible-inventory --list shows untrusted strings (all the coordinator's) as {"__ansible_unsafe": ...}."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+def cmd_peers(lab: Lab, as_json: bool) -> int:
+    """The mesh's peers as the starling.mesh.coordinator inventory plugin lists them."""
+    if not lab.data.get("hosts"):
+        raise LabError(f"lab {lab.prefix} is not up")
+    token = admin_token(lab)
+    if not token:
+        raise LabError("no admin token in the lab's Vault yet: run playbooks/site.yml first")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STARLING_", "ANSIBLE_"))}
+    env.update(STARLING_URL=f"http://{lab.ip('coord')}:8080", STARLING_TOKEN=token,
+               ANSIBLE_COLLECTIONS_PATH=str(REPO / ".state" / "collections"))  # fmt: skip
+    source = REPO / "examples" / "lab" / "mesh.coordinator.yml"
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "ansible-inventory"), "-i", str(source), "--list"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise LabError(f"ansible-inventory failed: {proc.stderr.strip()}")
+    inventory = unwrap(json.loads(proc.stdout))
+    if as_json:
+        print(json.dumps(inventory, indent=2))
+        return 0
+    hostvars = inventory.get("_meta", {}).get("hostvars", {})
+    member: dict[str, list[str]] = {}
+    for group, data in inventory.items():
+        if group in ("_meta", "all", "ungrouped") or not isinstance(data, dict):
+            continue
+        for host in data.get("hosts", []):
+            member.setdefault(host, []).append(group)
+    print(f"  {'peer':8} {'mesh IP':12} {'online':7} {'version':8} {'Ansible groups':28} tunnels")
+    for host in sorted(hostvars):
+        v = hostvars[host]
+        paths = ", ".join(f"{n} {k}" for k, n in sorted((v.get("starling_paths") or {}).items())) or "-"
+        groups = ",".join(sorted(member.get(host, [])))
+        print(f"  {host:8} {v.get('starling_mesh_ip') or '-':12} {'yes' if v.get('starling_online') else 'no':7} "
+              f"{v.get('starling_version') or '-':8} {groups:28} {paths}")  # fmt: skip
+    return 0
+
+
 def cmd_list() -> int:
     labels = podman("ps", "-a", "--filter", "label=starling.lab", "--format", '{{index .Labels "starling.lab"}}',
                     check=False).stdout.split()  # fmt: skip
@@ -1014,6 +1092,9 @@ def main(argv: list[str]) -> int:
     sp.add_argument("host")
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
     sub.add_parser("list", help="labs on this machine")
+    sp = sub.add_parser("peers", help="the mesh's peers from ansible-inventory (starling.mesh.coordinator plugin)")
+    sp.add_argument("prefix", nargs="?", default=os.environ.get("STARLING_LAB_PREFIX", DEFAULT_PREFIX))
+    sp.add_argument("--json", action="store_true", help="the inventory as JSON (untrusted markers removed)")
     sp = sub.add_parser("matrix", help="ping over the mesh between every two agents, with the path of each tunnel")
     sp.add_argument("prefix", nargs="?", default=os.environ.get("STARLING_LAB_PREFIX", DEFAULT_PREFIX))
     sp.add_argument("--wait", type=float, default=60, help="seconds to wait for tunnels to connect (60)")
@@ -1036,8 +1117,9 @@ def main(argv: list[str]) -> int:
             print_summary(lab)
             return 0
         if args.command == "env":
-            print(f"export STARLING_LAB_DIR={lab.dir}")
-            return 0
+            return cmd_env(lab)
+        if args.command == "peers":
+            return cmd_peers(lab, args.json)
         if args.command == "matrix":
             return cmd_matrix(lab, args.wait, args.json)
         if args.command == "exec":
