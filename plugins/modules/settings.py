@@ -10,9 +10,9 @@ module: settings
 short_description: Manage the mesh-wide settings of a Starling coordinator
 version_added: 0.1.0
 description:
-  - Sets the mesh settings of the coordinator (one mesh per coordinator): the TURN/STUN servers and the signal
-    URL that every peer's network map carries, the TURN credential lifetime, the DNS domain, peer approval, the
-    offline timeout of ephemeral peers and the mesh prefix.
+  - Sets the settings of the coordinator's mesh (one mesh per coordinator). These are the TURN/STUN servers and the
+    signal URL that every peer's network map carries, the TURN credential lifetime, the DNS domain, peer approval,
+    the offline timeout of ephemeral peers and the mesh prefix.
   - Options left out keep their current value. Only the settings that differ are sent, so a re-run changes
     nothing; every change is an audit event (C(settings.update)) and reaches the connected agents in their maps.
   - The coordinator's configuration file only seeds these settings on its first start; after that this module
