@@ -204,6 +204,8 @@ import secrets
 from ansible_collections.starling.mesh.plugins.module_utils._vault import PATH_RE, VaultCasMismatch, VaultModule, same_data
 
 HIDDEN = "(hidden)"
+# Options that write (or pin a write); version= only reads.
+VERSION_EXCLUSIVE = ("value", "generate", "rotate", "restore_version", "fields", "expected_version")
 HIDDEN_CHANGED = "(hidden, changed)"
 
 
@@ -363,8 +365,7 @@ def main():
         mutually_exclusive=[
             ("value", "generate", "rotate", "restore_version"),
             ("fields", "restore_version"),
-        ] + [("version", other) for other in ("value", "generate", "rotate", "restore_version", "fields",
-                                                "expected_version")],
+        ] + [("version", other) for other in VERSION_EXCLUSIVE],
     )
     module.run(run)
 
