@@ -23,7 +23,9 @@ PREFIX=${STARLING_DEMO_PREFIX:-stldemo}
 LAB_DIR=$ROOT/.state/lab/$PREFIX
 START=$(date +%s)
 
-step() { printf '\n\033[1m==> [%3ds] %s\033[0m\n' "$(($(date +%s) - START))" "$*"; }
+BOLD='' PLAIN=''
+if [[ -t 1 ]]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; fi
+step() { printf '\n%s==> [%3ds] %s%s\n' "$BOLD" "$(($(date +%s) - START))" "$*" "$PLAIN"; }
 die() { printf 'demo: ERROR: %s\n' "$*" >&2; exit 1; }
 
 mkdir -p "$ROOT/.state"
@@ -74,6 +76,9 @@ if ! ansible-playbook playbooks/site.yml -i examples/lab/inventory ${ANSIBLE_ARG
 fi
 recap=$(sed -n '/^PLAY RECAP/,$p' "$log" | grep -E 'ok=' || true)
 changed=$(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^changed=/) { split($i, a, "="); s += a[2] } } END { print s + 0 }' <<<"$recap")
+
+step "waiting for the tunnels (direct first; ICE and the TURN relay after 2 s without a handshake)"
+bash scripts/lab.sh wait "$PREFIX" --timeout 90 || true
 
 step "peers: ansible-inventory -i examples/lab/mesh.coordinator.yml --list (the starling.mesh.coordinator plugin)"
 bash scripts/lab.sh peers "$PREFIX"

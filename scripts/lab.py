@@ -932,6 +932,43 @@ def agent_status(lab: Lab, host: str) -> dict[str, Any] | None:
     return None
 
 
+def coordinator_paths(lab: Lab) -> dict[str, list[str]] | None:
+    """Each peer's tunnel paths as the coordinator last heard them from the agent (GET /api/v1/peers)."""
+    token = admin_token(lab)
+    if not token:
+        return None
+    req = urllib.request.Request(f"http://{lab.ip('coord')}:8080/api/v1/peers?limit=1000",
+                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 (a lab address)
+            items = json.load(r)["items"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return {p["name"]: sorted(c.get("path", "?") for c in p.get("connections") or []) for p in items}
+
+
+def cmd_wait(lab: Lab, timeout: float) -> int:
+    """Wait until every tunnel in the agents' maps is direct or relayed, and the coordinator knows it."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        with concurrent.futures.ThreadPoolExecutor(len(AGENTS)) as pool:
+            statuses = dict(zip(AGENTS, pool.map(lambda h: agent_status(lab, h), AGENTS)))
+        agents = {h: sorted(p["path"] for p in (st or {}).get("peers", [])) for h, st in statuses.items()}
+        up = all(st is not None for st in statuses.values()) and all(
+            path in ("direct", "relayed") for paths in agents.values() for path in paths
+        )
+        coord = coordinator_paths(lab) if up else None
+        if up and coord is not None and all(coord.get(h) == paths for h, paths in agents.items()):
+            log(f"tunnels up after {time.monotonic() - started:.0f} s: "
+                + ", ".join(f"{h} {'+'.join(p) or 'none'}" for h, p in agents.items()))  # fmt: skip
+            return 0
+        if time.monotonic() > deadline:
+            log(f"tunnels not settled after {timeout:.0f} s: agents {agents}, coordinator {coord}")
+            return 1
+        time.sleep(1)
+
+
 def mesh_matrix(lab: Lab, wait: float) -> dict[str, Any]:
     """Each agent's view (`starling status --json`) and a ping over the mesh for every ordered pair.
 
@@ -1092,6 +1129,9 @@ def main(argv: list[str]) -> int:
     sp.add_argument("host")
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
     sub.add_parser("list", help="labs on this machine")
+    sp = sub.add_parser("wait", help="wait until the agents' tunnels are up and the coordinator knows their paths")
+    sp.add_argument("prefix", nargs="?", default=os.environ.get("STARLING_LAB_PREFIX", DEFAULT_PREFIX))
+    sp.add_argument("--timeout", type=float, default=90)
     sp = sub.add_parser("peers", help="the mesh's peers from ansible-inventory (starling.mesh.coordinator plugin)")
     sp.add_argument("prefix", nargs="?", default=os.environ.get("STARLING_LAB_PREFIX", DEFAULT_PREFIX))
     sp.add_argument("--json", action="store_true", help="the inventory as JSON (untrusted markers removed)")
@@ -1118,6 +1158,8 @@ def main(argv: list[str]) -> int:
             return 0
         if args.command == "env":
             return cmd_env(lab)
+        if args.command == "wait":
+            return cmd_wait(lab, args.timeout)
         if args.command == "peers":
             return cmd_peers(lab, args.json)
         if args.command == "matrix":
