@@ -30,6 +30,10 @@ source scripts/podman-env.sh
 cleanup_prefix() {
     local prefix=$1 c n
     [[ $prefix =~ ^stm[a-z0-9]*$ ]] || { log "refusing to clean up with prefix '$prefix'"; return 1; }
+    # Labs of scripts/lab.sh (molecule/mesh: <prefix>-mesh) also have a host nftables table and a state directory.
+    for d in .state/lab/"$prefix"-*/; do
+        [[ -d $d ]] && bash scripts/lab.sh down "$(basename "$d")" >/dev/null 2>&1 && log "removed lab $(basename "$d")"
+    done
     for c in $(podman ps -a --format '{{.Names}}' | grep -E "^${prefix}-" || true); do
         podman rm -f "$c" >/dev/null 2>&1 && log "removed container $c"
     done
