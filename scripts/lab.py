@@ -302,7 +302,12 @@ def ensure_networks(lab: Lab) -> None:
             "network", "create", "--internal", "--disable-dns", "--subnet", str(subnet),
             "--gateway", str(subnet.network_address + 254), "--label", f"starling.lab={lab.prefix}", name,
         )  # fmt: skip
-        log(f"network {name} {subnet} (internal)")
+        # Claim the bridge's name on the host at once: podman picks names (cni-podmanN) not used by its own
+        # configuration directory nor by the host's links, and another checkout has another directory.
+        bridge = json.loads(podman("network", "inspect", name).stdout)[0]["network_interface"]
+        if run("ip", "link", "show", "dev", bridge, check=False).returncode != 0:
+            run("ip", "link", "add", "name", bridge, "type", "bridge", check=False)
+        log(f"network {name} {subnet} (internal, bridge {bridge})")
     lab.data["bridges"] = {
         net: json.loads(podman("network", "inspect", lab.network(net)).stdout)[0]["network_interface"] for net in NETWORKS
     }
