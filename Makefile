@@ -95,7 +95,8 @@ SCENARIOS ?=
 molecule: system venv
 	bash scripts/molecule.sh $(SCENARIOS)
 
-demo: system venv
+# The demo makes .venv itself, while the image builds.
+demo: system
 	bash scripts/demo.sh
 
 demo-down:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the whole mesh on this machine, in podman containers, deployed by playbooks/site.yml.
 #
-#   1. what it needs, each step skipped when up to date: the image localhost/starling-debian:12
-#      (scripts/build-image.sh), the wheelhouse the roles install from (scripts/build-wheelhouse.sh), the
-#      collection path .state/collections -> this repository (`make demo` runs `make system venv` first);
+#   1. what it needs, each step skipped when up to date: .venv (scripts/setup-venv.sh), the image
+#      localhost/starling-debian:12 (scripts/build-image.sh, built meanwhile), the wheelhouse the roles install
+#      from (scripts/build-wheelhouse.sh), the collection path .state/collections -> this repository
+#      (`make demo` runs `make system` first: apt packages, podman among them);
 #   2. the lab (scripts/lab.sh up stldemo): coordinator + signal, coturn, OpenBao, two NAT routers
 #      (endpoint-independent and symmetric), three agent hosts, on --internal podman networks in 198.18.0.0/15;
 #   3. ansible-playbook playbooks/site.yml -i examples/lab/inventory (Vault, coordinator, signal, relay,
@@ -44,11 +45,18 @@ case ${1:-up} in
 esac
 
 [[ $(id -u) -eq 0 ]] || die "the lab needs root (podman, nftables, nsenter)"
-[[ -x $BIN/ansible-playbook ]] || die "$BIN/ansible-playbook missing: run 'make venv' (make demo does)"
+command -v podman >/dev/null 2>&1 || die "podman missing: run 'make system' (make demo does)"
 
-step "image, wheelhouse, collection path"
-bash scripts/build-image.sh
-bash scripts/build-wheelhouse.sh
+# The image (debootstrap, a minute or two) builds while .venv and the wheelhouse are made.
+step ".venv, image, wheelhouse, collection path (each skipped when up to date)"
+bash scripts/build-image.sh &
+image_pid=$!
+if ! bash scripts/setup-venv.sh || ! bash scripts/build-wheelhouse.sh; then
+    wait "$image_pid" || true
+    die ".venv or the wheelhouse could not be made (see above)"
+fi
+wait "$image_pid" || die "the image build failed (scripts/build-image.sh)"
+[[ -x $BIN/ansible-playbook ]] || die "$BIN/ansible-playbook missing: run 'make venv'"
 link=.state/collections/ansible_collections/starling/mesh
 mkdir -p "$(dirname "$link")"
 [[ "$(readlink "$link" 2>/dev/null)" == "$ROOT" ]] || ln -sfn "$ROOT" "$link"
