@@ -1,6 +1,7 @@
 """playbooks/site.yml's controller plays against a real OpenBao (`--tags vault`): the relays get the current TURN
 secret and the previous one (the rotation overlap), a deleted previous version is tolerated, check mode changes
-nothing. No host is contacted: the inventory's relay is never reached by these plays."""
+nothing; teardown.yml deletes the mesh's Vault objects only when asked to. No host is contacted: the inventory's relay is
+never reached by these plays."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from tests.integration.test_vault_collection import bao, collections_path  # noq
 pytestmark = [pytest.mark.vault, pytest.mark.slow]
 
 
-def site(collections: Path, workdir: Path, inventory: dict[str, Any], *args: str) -> PlayRun:
+def site(
+    collections: Path, workdir: Path, inventory: dict[str, Any], *args: str, playbook: str = "site.yml"
+) -> PlayRun:
     name = uuid.uuid4().hex[:8]
     inv, record = workdir / f"inventory-{name}.yml", workdir / f"record-{name}.json"
     inv.write_text(yaml.safe_dump(inventory, sort_keys=False))
     proc = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inv), str(REPO / "playbooks" / "site.yml"), "--tags", "vault", *args],
+        [str(BIN / "ansible-playbook"), "-i", str(inv), str(REPO / "playbooks" / playbook), "--tags", "vault", *args],
         capture_output=True,
         text=True,
         env=ansible_env(collections, workdir / "home", STARLING_RECORD_FILE=str(record)),
@@ -87,3 +90,19 @@ def test_relays_keep_the_previous_turn_secret(
     assert run.task(previous)["status"] == "ok"
     for value in ("first-turn-secret-0123", "second-turn-secret-0123", "third-turn-secret-01234", bao.root_token):
         assert value not in run.stdout + json.dumps(run.results)
+
+    # teardown.yml keeps Vault's data by default; with starling_teardown_vault=true it deletes the mesh's policies
+    # and AppRoles and soft-deletes its secrets (the history stays).
+    run = site(collections_path, tmp_path, inventory, playbook="teardown.yml")
+    assert run.rc == 0, run.stdout + run.stderr
+    assert f"starling-{prefix}-controller" in client.sys.list_acl_policies()["data"]["keys"]
+    gone = site(collections_path, tmp_path, inventory, "-e", "starling_teardown_vault=true", playbook="teardown.yml")
+    assert gone.rc == 0, gone.stdout + gone.stderr
+    policies = client.sys.list_acl_policies()["data"]["keys"]
+    assert not [p for p in policies if p.startswith(f"starling-{prefix}-")], policies
+    roles = client.list("auth/approle/role") or {}
+    assert not [r for r in roles.get("data", {}).get("keys", []) if r.startswith(f"starling-{prefix}-")]
+    meta = kv2.read_secret_metadata(path=turn, mount_point=mount)["data"]
+    assert meta["versions"][str(meta["current_version"])]["deletion_time"]  # soft delete: history kept
+    again = site(collections_path, tmp_path, inventory, "-e", "starling_teardown_vault=true", playbook="teardown.yml")
+    assert again.rc == 0 and not [r for r in again.results if r["result"].get("changed")], again.stdout
