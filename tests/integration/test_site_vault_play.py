@@ -1,7 +1,7 @@
 """playbooks/site.yml's controller plays against a real OpenBao (`--tags vault`): the relays get the current TURN
 secret and the previous one (the rotation overlap), a deleted previous version is tolerated, check mode changes
-nothing; teardown.yml deletes the mesh's Vault objects only when asked to. No host is contacted: the inventory's relay is
-never reached by these plays."""
+nothing; teardown.yml deletes the mesh's Vault objects only when asked to. No host is contacted: the inventory's
+relay is never reached by these plays."""
 
 from __future__ import annotations
 
