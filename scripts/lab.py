@@ -63,7 +63,8 @@ DEFAULT_PREFIX = "stldemo"
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
 SLOTS = 48  # 198.19.48-95 public, 198.18.112-207 LANs: clear of podman's default 198.18.0.0/24, the
 #             molecule pool 198.18.16.0/20 and the namespace NAT lab's public bridges (198.19.100-250).
-LOCK = Path("/run/lock/starling-lab.lock") if Path("/run/lock").is_dir() else Path("/tmp/starling-lab.lock")
+# One lock for every lab on the machine (two checkouts share the address space).
+LOCK = Path("/run/lock/starling-lab.lock") if Path("/run/lock").is_dir() else STATE_ROOT / ".lock"
 PATH_IN_CONTAINER = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VAULT_PORT = 8200
 
@@ -92,7 +93,9 @@ class LabError(Exception):
     pass
 
 
-def run(*cmd: str, check: bool = True, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *cmd: str, check: bool = True, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(cmd), capture_output=True, text=True, input=input, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
@@ -241,9 +244,22 @@ class Lab:
 
     def nsenter(self, host: str, *cmd: str) -> list[str]:
         return [
-            "nsenter", "-t", str(self.pid(host)), "-m", "-u", "-i", "-n", "-p", "--",
-            "env", "-i", f"PATH={PATH_IN_CONTAINER}", "HOME=/root", "LANG=C.UTF-8", *cmd,
-        ]  # fmt: skip
+            "nsenter",
+            "-t",
+            str(self.pid(host)),
+            "-m",
+            "-u",
+            "-i",
+            "-n",
+            "-p",
+            "--",
+            "env",
+            "-i",
+            f"PATH={PATH_IN_CONTAINER}",
+            "HOME=/root",
+            "LANG=C.UTF-8",
+            *cmd,
+        ]
 
     def exec(
         self, host: str, *cmd: str, check: bool = True, input: str | None = None, timeout: float = 60
@@ -256,8 +272,15 @@ class Lab:
         if current.returncode == 0 and current.stdout == content:
             return False
         self.exec(host, "mkdir", "-p", os.path.dirname(path))
-        self.exec(host, "sh", "-c", f'umask 077; cat > "$1.tmp" && chmod {mode} "$1.tmp" && mv "$1.tmp" "$1"', "-", path,
-                  input=content)  # fmt: skip
+        self.exec(
+            host,
+            "sh",
+            "-c",
+            f'umask 077; cat > "$1.tmp" && chmod {mode} "$1.tmp" && mv "$1.tmp" "$1"',
+            "-",
+            path,
+            input=content,
+        )
         return True
 
     def probe(self, host: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -267,8 +290,11 @@ class Lab:
     def probe_popen(self, host: str, *args: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             self.nsenter(host, "python3", "-", "probe", *args),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdin is not None
         proc.stdin.write(Path(__file__).read_text())
         proc.stdin.close()
@@ -293,15 +319,26 @@ def ensure_networks(lab: Lab) -> None:
             have = json.loads(podman("network", "inspect", name).stdout)[0]
             subnets = [s["subnet"] for s in have.get("subnets") or []]
             if subnets != [str(subnet)] or not have.get("internal"):
-                raise LabError(f"network {name} exists with {subnets} (internal: {have.get('internal')}), "
-                               f"want {subnet} internal: run 'scripts/lab.sh down {lab.prefix}' first")  # fmt: skip
+                raise LabError(
+                    f"network {name} exists with {subnets} (internal: {have.get('internal')}), "
+                    f"want {subnet} internal: run 'scripts/lab.sh down {lab.prefix}' first"
+                )
             continue
         # --internal: no gateway on the host, no default route in the containers, no masquerading.
         # The IPAM gateway (never configured anywhere) is set to .254 so that .1 can go to a router.
         podman(
-            "network", "create", "--internal", "--disable-dns", "--subnet", str(subnet),
-            "--gateway", str(subnet.network_address + 254), "--label", f"starling.lab={lab.prefix}", name,
-        )  # fmt: skip
+            "network",
+            "create",
+            "--internal",
+            "--disable-dns",
+            "--subnet",
+            str(subnet),
+            "--gateway",
+            str(subnet.network_address + 254),
+            "--label",
+            f"starling.lab={lab.prefix}",
+            name,
+        )
         # Claim the bridge's name on the host at once: podman picks names (cni-podmanN) not used by its own
         # configuration directory nor by the host's links, and another checkout has another directory.
         bridge = json.loads(podman("network", "inspect", name).stdout)[0]["network_interface"]
@@ -309,7 +346,8 @@ def ensure_networks(lab: Lab) -> None:
             run("ip", "link", "add", "name", bridge, "type", "bridge", check=False)
         log(f"network {name} {subnet} (internal, bridge {bridge})")
     lab.data["bridges"] = {
-        net: json.loads(podman("network", "inspect", lab.network(net)).stdout)[0]["network_interface"] for net in NETWORKS
+        net: json.loads(podman("network", "inspect", lab.network(net)).stdout)[0]["network_interface"]
+        for net in NETWORKS
     }
 
 
@@ -332,12 +370,23 @@ def ensure_containers(lab: Lab) -> list[str]:
     def create(host: str) -> None:
         spec = HOSTS[host]
         args = [
-            "run", "-d", "--name", lab.container(host), "--hostname", host, "--label", f"starling.lab={lab.prefix}",
-            "--privileged", "--systemd=always", "--stop-timeout=3",
-            "--pidfile", str(lab.pids / host),
+            "run",
+            "-d",
+            "--name",
+            lab.container(host),
+            "--hostname",
+            host,
+            "--label",
+            f"starling.lab={lab.prefix}",
+            "--privileged",
+            "--systemd=always",
+            "--stop-timeout=3",
+            "--pidfile",
+            str(lab.pids / host),
             # No name server: a lookup goes to the container's own loopback and fails at once.
-            "--dns", "127.0.0.1",
-        ]  # fmt: skip
+            "--dns",
+            "127.0.0.1",
+        ]
         for net in spec["nets"]:
             args += ["--network", f"{lab.network(net)}:ip={lab.ip(host, net)}"]
         if host == "vault":
@@ -360,7 +409,9 @@ def wait_systemd(lab: Lab, hosts: list[str]) -> None:
         state = ""
         while time.monotonic() < deadline:
             with contextlib.suppress(LabError, subprocess.TimeoutExpired):
-                state = lab.exec(host, "systemctl", "is-system-running", "--wait", check=False, timeout=60).stdout.strip()
+                state = lab.exec(
+                    host, "systemctl", "is-system-running", "--wait", check=False, timeout=60
+                ).stdout.strip()
                 if state in ("running", "degraded"):
                     return host, state
             time.sleep(0.3)
@@ -483,8 +534,10 @@ def configure_host(lab: Lab) -> None:
     if not present or lab.data.get("host_rules") != digest:
         run("nft", "-f", "-", input=ruleset)
         lab.data["host_rules"] = digest
-        log(f"host nftables table inet {lab.nft_table}: no forwarding from/to "
-            f"{', '.join(sorted(lab.data['bridges'].values()))}, no new connections from the lab")
+        log(
+            f"host nftables table inet {lab.nft_table}: no forwarding from/to "
+            f"{', '.join(sorted(lab.data['bridges'].values()))}, no new connections from the lab"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,8 +591,9 @@ WantedBy=multi-user.target
 """
 
 
-def vault_request(lab: Lab, method: str, path: str, body: dict[str, Any] | None = None,
-                  token: str | None = None) -> tuple[int, dict[str, Any]]:  # fmt: skip
+def vault_request(
+    lab: Lab, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+) -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(
         f"http://{lab.ip('vault')}:{VAULT_PORT}{path}",
         data=json.dumps(body).encode() if body is not None else None,
@@ -576,8 +630,8 @@ def configure_vault(lab: Lab) -> None:
     deadline = time.monotonic() + 30
     while (health := vault_health(lab)) is None:
         if time.monotonic() > deadline:
-            status = lab.exec("vault", "journalctl", "-u", "openbao", "-n", "20", "--no-pager", check=False).stdout
-            raise LabError(f"OpenBao does not answer at {lab.describe()['vault_url']}:\n{status}")
+            journal = lab.exec("vault", "journalctl", "-u", "openbao", "-n", "20", "--no-pager", check=False).stdout
+            raise LabError(f"OpenBao does not answer at {lab.describe()['vault_url']}:\n{journal}")
         time.sleep(0.2)
     init_file = lab.dir / "openbao-init.json"
     if not health.get("initialized"):
@@ -589,8 +643,10 @@ def configure_vault(lab: Lab) -> None:
             json.dump({"root_token": init["root_token"], "unseal_keys_b64": init["keys_base64"]}, f)
         log("OpenBao initialised (1 key share; root token and unseal key in " + str(init_file.relative_to(REPO)) + ")")
     if not init_file.exists():
-        raise LabError(f"OpenBao in {lab.container('vault')} is initialised but {init_file} is gone: "
-                       f"run 'scripts/lab.sh down {lab.prefix}' and up again")  # fmt: skip
+        raise LabError(
+            f"OpenBao in {lab.container('vault')} is initialised but {init_file} is gone: "
+            f"run 'scripts/lab.sh down {lab.prefix}' and up again"
+        )
     init = json.loads(init_file.read_text())
     token_file = lab.dir / "vault-token"
     if not token_file.exists() or token_file.read_text() != init["root_token"]:
@@ -634,7 +690,8 @@ def cmd_up(lab: Lab) -> int:
             lab.data["slot"] = allocate_slot(lab.prefix)
             lab.data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             lab.save()
-            log(f"new lab {lab.prefix}: public {lab.subnets['pub']}, LANs {lab.subnets['lan1']} and {lab.subnets['lan2']}")
+            nets = lab.subnets
+            log(f"new lab {lab.prefix}: public {nets['pub']}, LANs {nets['lan1']} and {nets['lan2']}")
         else:
             log(f"lab {lab.prefix}: public {lab.subnets['pub']}, LANs {lab.subnets['lan1']} and {lab.subnets['lan2']}")
         ensure_networks(lab)
@@ -655,8 +712,10 @@ def cmd_up(lab: Lab) -> int:
 
 def print_summary(lab: Lab) -> None:
     d = lab.describe()
-    print(f"\nLab {lab.prefix} (state: {lab.dir.relative_to(REPO)}/, inventory: examples/lab/inventory with "
-          f"STARLING_LAB_DIR={lab.dir})")  # fmt: skip
+    print(
+        f"\nLab {lab.prefix} (state: {lab.dir.relative_to(REPO)}/, inventory: examples/lab/inventory with "
+        f"STARLING_LAB_DIR={lab.dir})"
+    )
     print(f"  {'host':8} {'container':22} {'addresses':32} role")
     for host, h in d["hosts"].items():
         addrs = " ".join(f"{ip}" for ip in h["addresses"].values())
@@ -665,16 +724,23 @@ def print_summary(lab: Lab) -> None:
 
 
 def cmd_down(lab: Lab) -> int:
-    containers = podman("ps", "-a", "--filter", f"label=starling.lab={lab.prefix}", "--format", "{{.Names}}",
-                        check=False).stdout.split()  # fmt: skip
-    containers += [c for c in podman("ps", "-a", "--format", "{{.Names}}", check=False).stdout.split()
-                   if c.startswith(lab.prefix + "-") and c.removeprefix(lab.prefix + "-") in HOSTS]  # fmt: skip
+    containers = podman(
+        "ps", "-a", "--filter", f"label=starling.lab={lab.prefix}", "--format", "{{.Names}}", check=False
+    ).stdout.split()
+    containers += [
+        c
+        for c in podman("ps", "-a", "--format", "{{.Names}}", check=False).stdout.split()
+        if c.startswith(lab.prefix + "-") and c.removeprefix(lab.prefix + "-") in HOSTS
+    ]
     containers = sorted(set(containers))
     if containers:
         podman("rm", "-f", "-t", "3", *containers, check=False, timeout=180)
         log(f"removed containers: {' '.join(containers)}")
-    networks = [n for n in podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
-                if n in {lab.network(x) for x in NETWORKS}]  # fmt: skip
+    networks = [
+        n
+        for n in podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+        if n in {lab.network(x) for x in NETWORKS}
+    ]
     if networks:
         podman("network", "rm", "-f", *networks, check=False)
         log(f"removed networks: {' '.join(networks)}")
@@ -695,8 +761,9 @@ def admin_token(lab: Lab) -> str:
     if not token_file.exists():
         return ""
     with contextlib.suppress(OSError, ValueError):
-        status, body = vault_request(lab, "GET", "/v1/starling/data/mesh/coordinator/admin_token",
-                                     token=token_file.read_text().strip())  # fmt: skip
+        status, body = vault_request(
+            lab, "GET", "/v1/starling/data/mesh/coordinator/admin_token", token=token_file.read_text().strip()
+        )
         if status == 200:
             return str(body["data"]["data"]["value"])
     return ""
@@ -715,7 +782,7 @@ def cmd_env(lab: Lab) -> int:
     else:
         print("# STARLING_TOKEN: not in Vault yet (playbooks/site.yml puts the coordinator's admin token there)")
     print(f"export ANSIBLE_COLLECTIONS_PATH={quote(str(REPO / '.state' / 'collections'))}")
-    print(f"export PATH={quote(str(REPO / '.venv' / 'bin'))}:\"$PATH\"")
+    print(f'export PATH={quote(str(REPO / ".venv" / "bin"))}:"$PATH"')
     return 0
 
 
@@ -738,11 +805,20 @@ def cmd_peers(lab: Lab, as_json: bool) -> int:
     if not token:
         raise LabError("no admin token in the lab's Vault yet: run playbooks/site.yml first")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STARLING_", "ANSIBLE_"))}
-    env.update(STARLING_URL=f"http://{lab.ip('coord')}:8080", STARLING_TOKEN=token,
-               ANSIBLE_COLLECTIONS_PATH=str(REPO / ".state" / "collections"))  # fmt: skip
+    env.update(
+        STARLING_URL=f"http://{lab.ip('coord')}:8080",
+        STARLING_TOKEN=token,
+        ANSIBLE_COLLECTIONS_PATH=str(REPO / ".state" / "collections"),
+    )
     source = REPO / "examples" / "lab" / "mesh.coordinator.yml"
-    proc = subprocess.run([str(REPO / ".venv" / "bin" / "ansible-inventory"), "-i", str(source), "--list"],
-                          capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ansible-inventory"), "-i", str(source), "--list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     if proc.returncode != 0:
         raise LabError(f"ansible-inventory failed: {proc.stderr.strip()}")
     inventory = unwrap(json.loads(proc.stdout))
@@ -761,14 +837,17 @@ def cmd_peers(lab: Lab, as_json: bool) -> int:
         v = hostvars[host]
         paths = ", ".join(f"{n} {k}" for k, n in sorted((v.get("starling_paths") or {}).items())) or "-"
         groups = ",".join(sorted(member.get(host, [])))
-        print(f"  {host:8} {v.get('starling_mesh_ip') or '-':12} {'yes' if v.get('starling_online') else 'no':7} "
-              f"{v.get('starling_version') or '-':8} {groups:28} {paths}")  # fmt: skip
+        print(
+            f"  {host:8} {v.get('starling_mesh_ip') or '-':12} {'yes' if v.get('starling_online') else 'no':7} "
+            f"{v.get('starling_version') or '-':8} {groups:28} {paths}"
+        )
     return 0
 
 
 def cmd_list() -> int:
-    labels = podman("ps", "-a", "--filter", "label=starling.lab", "--format", '{{index .Labels "starling.lab"}}',
-                    check=False).stdout.split()  # fmt: skip
+    labels = podman(
+        "ps", "-a", "--filter", "label=starling.lab", "--format", '{{index .Labels "starling.lab"}}', check=False
+    ).stdout.split()
     prefixes = sorted(set(labels) | {p.name for p in STATE_ROOT.glob("*") if p.is_dir()})
     for prefix in prefixes:
         n = labels.count(prefix)
@@ -779,7 +858,7 @@ def cmd_list() -> int:
 def cmd_exec(lab: Lab, host: str, cmd: list[str]) -> int:
     if host not in HOSTS:
         raise LabError(f"unknown host {host!r} (one of {', '.join(HOSTS)})")
-    os.execvp("nsenter", lab.nsenter(host, *(cmd or ["bash"])))
+    os.execvp("nsenter", lab.nsenter(host, *(cmd or ["bash"])))  # noqa: S606 (replaces this process)
     return 1
 
 
@@ -821,8 +900,9 @@ def cmd_check(lab: Lab) -> int:
             via = host
         # Anything outside the lab: unroutable on the host itself or, for a LAN host, on its router.
         bad = [ip for ip in OUTSIDE if lab.exec(via, "ip", "route", "get", ip, check=False).returncode == 0]
-        check(not bad, f"{host}: no route to {', '.join(OUTSIDE)}" + (f" (at {via})" if gateway else ""),
-              ", ".join(bad))  # fmt: skip
+        check(
+            not bad, f"{host}: no route to {', '.join(OUTSIDE)}" + (f" (at {via})" if gateway else ""), ", ".join(bad)
+        )
     for lan, router in ROUTER_FOR_LAN.items():
         other = "lan2" if lan == "lan1" else "lan1"
         target = str(lab.subnets[other].network_address + 10)
@@ -831,12 +911,17 @@ def cmd_check(lab: Lab) -> int:
 
     print("Host (controller) side:")
     bridges = lab.data["bridges"]
-    no_ip = [b for n, b in bridges.items() if n != "pub" and "inet " in run("ip", "-4", "addr", "show", "dev", b,
-                                                                             check=False).stdout]  # fmt: skip
+    no_ip = [
+        b
+        for n, b in bridges.items()
+        if n != "pub" and "inet " in run("ip", "-4", "addr", "show", "dev", b, check=False).stdout
+    ]
     check(not no_ip, "the host has no address on the LAN bridges", ", ".join(no_ip))
     table = run("nft", "list", "table", "inet", lab.nft_table, check=False)
-    check(table.returncode == 0 and "drop" in table.stdout, f"host nftables table inet {lab.nft_table} drops "
-          "forwarding from/to the lab bridges")  # fmt: skip
+    check(
+        table.returncode == 0 and "drop" in table.stdout,
+        f"host nftables table inet {lab.nft_table} drops forwarding from/to the lab bridges",
+    )
     nat_rules = run("nft", "list", "table", "ip", "nat", check=False).stdout
     leaks = [s for s in (str(lab.subnets[n]) for n in NETWORKS) if str(s).rsplit(".", 1)[0] in nat_rules]
     check(not leaks, "no host masquerading for lab subnets", ", ".join(leaks))
@@ -858,8 +943,12 @@ def cmd_check(lab: Lab) -> int:
     ]
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda c: ping(c[0], c[1]), cases))
-    for (_src, dst, want, what), got in zip(cases, results):
-        check(got == want, f"{what}: {'reachable' if want else 'blocked'}", f"{dst} {'answered' if got else 'no answer'}")
+    for (_src, dst, reachable, what), answered in zip(cases, results, strict=True):
+        check(
+            answered == reachable,
+            f"{what}: {'reachable' if reachable else 'blocked'}",
+            f"{dst} {'answered' if answered else 'no answer'}",
+        )
 
     print("NAT behaviour (UDP from one source port to two reflectors, coord and agent3):")
     reflectors = [("coord", 3479), ("agent3", 3479)]
@@ -875,13 +964,17 @@ def cmd_check(lab: Lab) -> int:
         ports = [m.rsplit(":", 1)[1] if m else "?" for m in maps]
         wan = lab.ip(router)
         if kind == "eim":
-            check(len(maps) == 2 and ips == {wan} and ports == ["40001", "40001"],
-                  f"{agent} behind {router}: one mapping for both destinations, port kept (endpoint-independent)",
-                  ", ".join(m or "no answer" for m in maps))  # fmt: skip
+            check(
+                len(maps) == 2 and ips == {wan} and ports == ["40001", "40001"],
+                f"{agent} behind {router}: one mapping for both destinations, port kept (endpoint-independent)",
+                ", ".join(m or "no answer" for m in maps),
+            )
         else:
-            check(len(maps) == 2 and ips == {wan} and len(set(ports)) == 2 and "?" not in ports,
-                  f"{agent} behind {router}: a new port for each destination (symmetric)",
-                  ", ".join(m or "no answer" for m in maps))  # fmt: skip
+            check(
+                len(maps) == 2 and ips == {wan} and len(set(ports)) == 2 and "?" not in ports,
+                f"{agent} behind {router}: a new port for each destination (symmetric)",
+                ", ".join(m or "no answer" for m in maps),
+            )
     for p in procs:
         p.kill()
         p.wait()
@@ -900,20 +993,25 @@ def cmd_check(lab: Lab) -> int:
             hold.wait()
             continue
         lab.probe("agent3", "send", "40003", mapping, "5")
-        out = hold.stdout.read()
+        held = hold.stdout.read()
         hold.wait(timeout=15)
-        got = json.loads(out.strip().splitlines()[-1])
+        got = json.loads(held.strip().splitlines()[-1])
         strangers = [g for g in got if not g.startswith(lab.ip("coord") + ":")]
-        check(not strangers, f"{agent}: agent3's datagrams to {mapping} are dropped by the router",
-              f"{len(strangers)} arrived")  # fmt: skip
+        check(
+            not strangers,
+            f"{agent}: agent3's datagrams to {mapping} are dropped by the router",
+            f"{len(strangers)} arrived",
+        )
     reflector.kill()
     reflector.wait()
 
     print("Services:")
     health = vault_health(lab) or {}
-    check(bool(health.get("initialized")) and health.get("sealed") is False,
-          f"OpenBao at {d['vault_url']} initialised and unsealed", json.dumps({k: health.get(k) for k in
-                                                                               ("initialized", "sealed", "version")}))  # fmt: skip
+    check(
+        bool(health.get("initialized")) and health.get("sealed") is False,
+        f"OpenBao at {d['vault_url']} initialised and unsealed",
+        json.dumps({k: health.get(k) for k in ("initialized", "sealed", "version")}),
+    )
     if check.failed:
         print(f"\n{len(check.failed)} check(s) FAILED")
         return 1
@@ -942,8 +1040,9 @@ def coordinator_paths(lab: Lab) -> dict[str, list[str]] | None:
     token = admin_token(lab)
     if not token:
         return None
-    req = urllib.request.Request(f"http://{lab.ip('coord')}:8080/api/v1/peers?limit=1000",
-                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    req = urllib.request.Request(
+        f"http://{lab.ip('coord')}:8080/api/v1/peers?limit=1000", headers={"Authorization": f"Bearer {token}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 (a lab address)
             items = json.load(r)["items"]
@@ -958,15 +1057,17 @@ def cmd_wait(lab: Lab, timeout: float) -> int:
     deadline = started + timeout
     while True:
         with concurrent.futures.ThreadPoolExecutor(len(AGENTS)) as pool:
-            statuses = dict(zip(AGENTS, pool.map(lambda h: agent_status(lab, h), AGENTS)))
+            statuses = dict(zip(AGENTS, pool.map(lambda h: agent_status(lab, h), AGENTS), strict=True))
         agents = {h: sorted(p["path"] for p in (st or {}).get("peers", [])) for h, st in statuses.items()}
         up = all(st is not None for st in statuses.values()) and all(
             path in ("direct", "relayed") for paths in agents.values() for path in paths
         )
         coord = coordinator_paths(lab) if up else None
         if up and coord is not None and all(coord.get(h) == paths for h, paths in agents.items()):
-            log(f"tunnels up after {time.monotonic() - started:.0f} s: "
-                + ", ".join(f"{h} {'+'.join(p) or 'none'}" for h, p in agents.items()))  # fmt: skip
+            log(
+                f"tunnels up after {time.monotonic() - started:.0f} s: "
+                + ", ".join(f"{h} {'+'.join(p) or 'none'}" for h, p in agents.items())
+            )
             return 0
         if time.monotonic() > deadline:
             log(f"tunnels not settled after {timeout:.0f} s: agents {agents}, coordinator {coord}")
@@ -981,7 +1082,7 @@ def mesh_matrix(lab: Lab, wait: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait
     while True:
         with concurrent.futures.ThreadPoolExecutor(len(AGENTS)) as pool:
-            statuses = dict(zip(AGENTS, pool.map(lambda h: agent_status(lab, h), AGENTS)))
+            statuses = dict(zip(AGENTS, pool.map(lambda h: agent_status(lab, h), AGENTS), strict=True))
         settled = all(
             st is not None and all(p["path"] in ("direct", "relayed") for p in st.get("peers", []))
             for st in statuses.values()
@@ -1002,13 +1103,22 @@ def mesh_matrix(lab: Lab, wait: float) -> dict[str, Any]:
             ping = lab.exec(src, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", ip, check=False, timeout=20)
             ok = ping.returncode == 0
         path = peer["path"] if peer else "blocked"
-        return {"from": src, "to": dst, "path": path, "ping": ok, "mesh_ip": ip,
-                "endpoint": (peer or {}).get("endpoint"), "proxied": bool((peer or {}).get("proxied"))}  # fmt: skip
+        return {
+            "from": src,
+            "to": dst,
+            "path": path,
+            "ping": ok,
+            "mesh_ip": ip,
+            "endpoint": (peer or {}).get("endpoint"),
+            "proxied": bool((peer or {}).get("proxied")),
+        }
 
     with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
         results = list(pool.map(one, pairs))
-    return {"agents": {h: {"mesh_ip": mesh_ip[h], "running": statuses[h] is not None} for h in AGENTS},
-            "pairs": results}  # fmt: skip
+    return {
+        "agents": {h: {"mesh_ip": mesh_ip[h], "running": statuses[h] is not None} for h in AGENTS},
+        "pairs": results,
+    }
 
 
 def cmd_matrix(lab: Lab, wait: float, as_json: bool) -> int:
