@@ -1005,6 +1005,15 @@ def cmd_check(lab: Lab) -> int:
     reflector.kill()
     reflector.wait()
 
+    counters = re.findall(
+        r"counter packets (\d+)", run("nft", "list", "table", "inet", lab.nft_table, check=False).stdout
+    )
+    if len(counters) == 3:
+        print(
+            f"  info host table drops so far: routed from/to the lab {counters[0]}/{counters[1]}, new connections "
+            f"from the lab to the host {counters[2]} (this check's ping of the host adds 1)"
+        )
+
     print("Services:")
     health = vault_health(lab) or {}
     check(
