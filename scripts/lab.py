@@ -359,6 +359,14 @@ def ensure_containers(lab: Lab) -> list[str]:
     for host in HOSTS:
         name = lab.container(host)
         state = container_state(name)
+        if state is not None:
+            # Ours when podman writes its PID into our state directory (another checkout's lab has another one).
+            pidfile = podman("container", "inspect", "--format", "{{.PidFile}}", name).stdout.strip()
+            if pidfile != str(lab.pids / host):
+                raise LabError(
+                    f"container {name} belongs to another lab (its PID file is {pidfile or 'unset'}): "
+                    "pick another prefix (scripts/lab.sh up PREFIX; make demo: STARLING_DEMO_PREFIX=...)"
+                )
         if state == "running":
             continue
         if state is not None:
