@@ -740,7 +740,14 @@ def cmd_down(lab: Lab) -> int:
         for c in podman("ps", "-a", "--format", "{{.Names}}", check=False).stdout.split()
         if c.startswith(lab.prefix + "-") and c.removeprefix(lab.prefix + "-") in HOSTS
     ]
-    containers = sorted(set(containers))
+    theirs = []
+    for c in sorted(set(containers)):
+        pidfile = podman("container", "inspect", "--format", "{{.PidFile}}", c, check=False).stdout.strip()
+        if pidfile and not pidfile.startswith(str(lab.dir) + "/"):
+            theirs.append(c)  # same prefix, another checkout's lab
+    if theirs:
+        log(f"left alone (another checkout's lab with this prefix): {' '.join(theirs)}")
+    containers = sorted(set(containers) - set(theirs))
     if containers:
         podman("rm", "-f", "-t", "3", *containers, check=False, timeout=180)
         log(f"removed containers: {' '.join(containers)}")
