@@ -891,6 +891,8 @@ class Checks:
             self.failed.append(what)
 
 
+# Addresses the lab must NOT be able to reach. Only looked up with `ip route get` (a routing-table query
+# inside the container): no packet is ever sent to them.
 OUTSIDE = ("192.0.2.1", "203.0.113.1", "10.0.0.1", "172.16.0.1", "192.168.0.1", "8.8.8.8", "1.1.1.1")
 
 
