@@ -162,10 +162,12 @@ def run(module):
             clear = None
         result = dict(changed=True, setup_key=created, diff=dict(before={}, after=public_view(created, KEYS)))
         if clear:
-            module.warn(
-                "setup key %r was created: its clear value is in the 'key' result only this once; "
-                "store it now and keep this task under no_log" % p["name"]
-            )
+            # A task under no_log is already where the warning tells it to be.
+            if not module.no_log:
+                module.warn(
+                    "setup key %r was created: its clear value is in the 'key' result only this once; "
+                    "store it now and keep this task under no_log" % p["name"]
+                )
             result["key"] = clear
         return result
 

@@ -114,10 +114,12 @@ def run(module):
             clear = None
         result = dict(changed=True, api_token=created, diff=dict(before={}, after=public_view(created, KEYS)))
         if clear:
-            module.warn(
-                "API token %r was created: its clear value is in the 'secret' result only this once; "
-                "store it now and keep this task under no_log" % p["name"]
-            )
+            # A task under no_log is already where the warning tells it to be.
+            if not module.no_log:
+                module.warn(
+                    "API token %r was created: its clear value is in the 'secret' result only this once; "
+                    "store it now and keep this task under no_log" % p["name"]
+                )
             result["secret"] = clear
         return result
 

@@ -85,6 +85,7 @@ class FakeModule:
         self.client = client
         self.check_mode = check_mode
         self.params = params
+        self.no_log = False
         self.warnings: list[str] = []
 
     def fail_json(self, **kwargs: Any) -> None:
@@ -205,6 +206,11 @@ def test_setup_key_clear_key_only_on_create() -> None:
     assert "ssk_clear" not in str(res["diff"])
     res = setup_key.run(FakeModule(c, **key_params()))
     assert res["changed"] is False and "key" not in res
+    # Under no_log the task already is where the warning would tell it to be: no warning.
+    quiet = FakeModule(c, **key_params(name="other"))
+    quiet.no_log = True
+    res = setup_key.run(quiet)
+    assert res["key"] == "ssk_clear" and quiet.warnings == []
 
 
 def test_peer_rename_is_idempotent() -> None:
