@@ -84,7 +84,8 @@ galaxy-build:
 	if [[ ! -s $$tarball ]]; then echo "galaxy-build: $$tarball was not produced" >&2; exit 1; fi; \
 	echo "galaxy-build: OK, $$tarball"
 
-# Role scenarios (not part of `make test` yet). Each step skips what is up to date.
+# Molecule scenarios (`make test` runs them all through tests/integration/test_molecule.py). Each step skips what
+# is up to date.
 image: system
 	bash scripts/build-image.sh
 
