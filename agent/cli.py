@@ -178,7 +178,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "agent_version": __version__,
         }
         try:
-            result = enroll(config.management_url, body)
+            result = enroll(config.management_url, body, verify=config.tls_context())
         except CoordinatorError as exc:
             code = EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED if exc.status in (401, 403) else EXIT_RUNTIME
             raise CliError(f"enrollment failed: {exc}", code) from exc

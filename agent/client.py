@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,9 +26,13 @@ def _error(resp: httpx.Response) -> CoordinatorError:
     return CoordinatorError(f"coordinator answered {resp.status_code}: {message}", resp.status_code)
 
 
-def enroll(url: str, body: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
+def enroll(
+    url: str, body: dict[str, Any], timeout: float = 15.0, verify: ssl.SSLContext | None = None
+) -> dict[str, Any]:
     try:
-        resp = httpx.post(url.rstrip("/") + "/api/v1/enroll", json=body, timeout=timeout)
+        resp = httpx.post(
+            url.rstrip("/") + "/api/v1/enroll", json=body, timeout=timeout, verify=verify if verify else True
+        )
     except httpx.HTTPError as exc:
         raise CoordinatorError(f"coordinator {url} is unreachable: {exc}") from exc
     if resp.status_code != 200:
@@ -39,12 +44,13 @@ def enroll(url: str, body: dict[str, Any], timeout: float = 15.0) -> dict[str, A
 class PeerApi:
     """Peer-authenticated calls (the credential from enrollment)."""
 
-    def __init__(self, url: str, credential: str) -> None:
+    def __init__(self, url: str, credential: str, verify: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.client = httpx.AsyncClient(
             base_url=self.url,
             headers={"Authorization": f"Bearer {credential}"},
             timeout=httpx.Timeout(10.0, read=None),
+            verify=verify if verify else True,
         )
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +33,9 @@ class AgentConfig:
     backend: str = "auto"  # auto | kernel | userspace
     state_dir: Path = DEFAULT_STATE_DIR
     signal_url: str = ""  # overrides the URL the coordinator publishes
+    # CA bundle (PEM) trusted for the coordinator's https:// and the signal service's wss:// instead of the
+    # default bundle: for a private CA.
+    ca_file: str = ""
     key_source: dict[str, Any] = field(default_factory=lambda: {"type": "file"})
     report_interval: float = 5.0
     keepalive: int = 25
@@ -63,6 +67,19 @@ class AgentConfig:
                 raise AgentConfigError(f"metrics_listen: {self.metrics_listen!r} must be host:port")
         if self.signal_url and not self.signal_url.startswith(("ws://", "wss://")):
             raise AgentConfigError(f"signal_url: {self.signal_url!r} must start with ws:// or wss://")
+        if self.ca_file:
+            self.tls_context()
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS trust for the coordinator and signal: ca_file when set, else None (the clients' defaults)."""
+        if not self.ca_file:
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except FileNotFoundError as exc:
+            raise AgentConfigError(f"ca_file: {self.ca_file} does not exist") from exc
+        except (ssl.SSLError, OSError) as exc:
+            raise AgentConfigError(f"ca_file: {self.ca_file} is not a readable PEM CA bundle ({exc})") from exc
 
 
 def load_config(path: Path | None) -> AgentConfig:

@@ -79,7 +79,8 @@ class Agent(PeerLinks, KeyRotation):
         self.pending: dict[str, tuple[float, list[Candidate]]] = {}
         self.management = ServiceStatus()
         self.signal_status = ServiceStatus()
-        self.api = PeerApi(state.management_url, state.credential)
+        self.tls = config.tls_context()
+        self.api = PeerApi(state.management_url, state.credential, verify=self.tls)
         self.signal: Any = None
         self.started = time.time()
         self.stop_event = asyncio.Event()

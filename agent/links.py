@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ class PeerLinks:
     backend: WireGuardBackend
     map: NetworkMap
     api: PeerApi
+    tls: ssl.SSLContext | None
     conns: dict[str, PeerConnection]
     by_key: dict[str, str]
     pending: dict[str, tuple[float, list[Candidate]]]
@@ -259,7 +261,7 @@ class PeerLinks:
                 self.conns[pid].peer_offline(time.monotonic())
 
         crypto = SignalCrypto(decode_key(self.private_key))
-        self.signal = SignalClient(url, token, crypto, on_message, on_offline)
+        self.signal = SignalClient(url, token, crypto, on_message, on_offline, ssl=self.tls)
         runner = asyncio.create_task(self.signal.run())
         try:
             while True:

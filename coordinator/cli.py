@@ -53,6 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def tls_problem(certfile: Path, keyfile: Path) -> str | None:
+    """Why the certificate and key cannot serve HTTPS (None when they can): checked before the listener starts."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as exc:
+        return f"{exc.filename or certfile}: no such file"
+    except PermissionError as exc:
+        return f"{exc.filename or certfile}: permission denied"
+    except (ssl.SSLError, OSError) as exc:
+        return f"cannot use certfile {certfile} with keyfile {keyfile}: {exc}"
+    return None
+
+
 def _run(command: str, config: CoordinatorConfig) -> int:
     if command == "openapi":
         from coordinator.api.app import create_app
@@ -71,6 +86,9 @@ def _run(command: str, config: CoordinatorConfig) -> int:
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         print(ensure_secrets(load_secret_source(config.secrets, config.state_dir))["admin_token"])
         return 0
+    if config.tls is not None and (problem := tls_problem(config.tls.certfile, config.tls.keyfile)):
+        print(f"starling-coordinator: tls: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     import uvicorn
 
     from coordinator.api.app import create_app
@@ -82,6 +100,8 @@ def _run(command: str, config: CoordinatorConfig) -> int:
         log_config=None,
         proxy_headers=False,
         timeout_graceful_shutdown=5,
+        ssl_certfile=str(config.tls.certfile) if config.tls else None,
+        ssl_keyfile=str(config.tls.keyfile) if config.tls else None,
     )
     return 0
 

@@ -26,6 +26,13 @@ class ListenConfig(_Strict):
     port: int = Field(8080, ge=1, le=65535)
 
 
+class TlsConfig(_Strict):
+    """HTTPS on the coordinator's own listener (without it: plain HTTP, for a TLS-terminating proxy in front)."""
+
+    certfile: Path
+    keyfile: Path
+
+
 class DatabaseConfig(_Strict):
     url: str = ""
     migrate_on_start: bool = True
@@ -62,6 +69,7 @@ class LogConfig(_Strict):
 
 class CoordinatorConfig(_Strict):
     listen: ListenConfig = Field(default_factory=ListenConfig)
+    tls: TlsConfig | None = None
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     state_dir: Path = Path("/var/lib/starling-coordinator")
     mesh: MeshDefaults = Field(default_factory=MeshDefaults)

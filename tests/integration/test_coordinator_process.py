@@ -14,7 +14,8 @@ import yaml
 
 from tests.conftest import wg_public_key
 from tests.fixtures.coordinator import CoordinatorProcess, running_coordinator
-from tests.fixtures.openbao import OpenBao, dev_server
+from tests.fixtures.openbao import OpenBao, dev_server, free_port
+from tests.fixtures.pki import self_signed
 
 
 @pytest.fixture
@@ -130,3 +131,90 @@ def enroll(coord: CoordinatorProcess, key: str, host: str) -> str:
     )
     assert r.status_code == 200, r.text
     return str(r.json()["peer"]["id"])
+
+
+def test_https_listener(tmp_path: Path) -> None:
+    """`tls:` serves the API over HTTPS with the given certificate; plain HTTP gets no answer."""
+    certfile, keyfile = self_signed(tmp_path / "pki")
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": port}, "state_dir": str(tmp_path / "state"),
+        "tls": {"certfile": str(certfile), "keyfile": str(keyfile)},
+    }))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "--config", str(cfg), "serve"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    import ssl
+
+    trust = ssl.create_default_context(cafile=str(certfile))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"coordinator exited with {proc.returncode}"
+            try:
+                response = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=trust, timeout=2)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the HTTPS listener did not come up"
+                time.sleep(0.1)
+        assert response.status_code == 200
+        agent_trusts_the_ca_file(f"https://127.0.0.1:{port}", cfg, certfile, tmp_path)
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the TLS port
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        with pytest.raises(httpx.ConnectError):  # the certificate is checked (the system CAs do not know it)
+            httpx.get(f"https://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def agent_trusts_the_ca_file(url: str, cfg: Path, certfile: Path, tmp_path: Path) -> None:
+    """The agent's `ca_file`: enrollment and its peer API calls over HTTPS with the private CA; without it the
+    certificate is refused."""
+    import asyncio
+
+    from agent.client import CoordinatorError, PeerApi, enroll
+    from agent.config import AgentConfig, AgentConfigError
+
+    admin = cli(cfg, "show-admin-token").stdout.strip()
+    trust = AgentConfig(management_url=url, ca_file=str(certfile)).tls_context()
+    assert trust is not None
+    with httpx.Client(base_url=url, verify=trust, headers={"Authorization": f"Bearer {admin}"}) as api:
+        key = api.post("/api/v1/setup-keys", json={"name": "tls", "reusable": True}).json()["key"]
+    body = {"setup_key": key, "public_key": wg_public_key(), "hostname": "tls-peer", "os": "test",
+            "agent_version": "test"}  # fmt: skip
+    with pytest.raises(CoordinatorError, match=r"(?i)certificate"):
+        enroll(url, body)
+    result = enroll(url, body, verify=trust)
+
+    async def token() -> str:
+        peer_api = PeerApi(url, result["credential"], verify=trust)
+        try:
+            return await peer_api.signal_token()
+        finally:
+            await peer_api.close()
+
+    assert asyncio.run(token())
+    for bad, message in ((tmp_path / "none.pem", "does not exist"), (cfg, "not a readable PEM CA bundle")):
+        with pytest.raises(AgentConfigError, match=message):
+            AgentConfig(management_url=url, ca_file=str(bad)).validate()
+
+
+def test_unusable_tls_files_fail_start_with_a_clear_error(tmp_path: Path) -> None:
+    certfile, keyfile = self_signed(tmp_path / "pki")
+    other_cert, _ = self_signed(tmp_path / "other")
+    cases = {
+        "missing": ({"certfile": str(tmp_path / "nope.crt"), "keyfile": str(keyfile)}, "nope.crt: no such file"),
+        "mismatch": ({"certfile": str(other_cert), "keyfile": str(keyfile)}, "cannot use certfile"),
+        "half": ({"certfile": str(certfile)}, "tls.keyfile"),
+    }
+    for name, (tls, expected) in cases.items():
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "listen": {"port": free_port()},
+                                       "tls": tls}))  # fmt: skip
+        res = cli(cfg, "serve")
+        assert res.returncode == 2, (name, res.stdout, res.stderr)
+        assert expected in res.stderr and "Traceback" not in res.stderr, (name, res.stderr)
+    assert not (tmp_path / "state").exists()
