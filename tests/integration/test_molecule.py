@@ -12,6 +12,8 @@ services), each with container and network names of its own, on 198.18.0.0/15 ne
                verify (ping, hardening, metrics, a daemon restart keeps wireguard-go), then removal with
                starling_agent_state: absent (and the role in check mode there) and playbooks/teardown.yml
   coordinator, signal, relay: each role alone: check mode on a fresh host, converge, idempotence, verify
+  vault        the vault role on the controller against OpenBao in a container, credentials on two peers:
+               check, converge, idempotence, verify (AppRole login; own key readable, the other refused)
 
 Each test below reports one scenario, with the end of its log on failure. About 10-13 minutes on 2 cores when
 the image exists (building it adds about 1.5 minutes).
@@ -32,7 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ROOT / ".state" / "molecule-logs"
 # Longest first, so that the short ones fill the gaps.
-SCENARIOS = ("mesh", "agent", "coordinator", "relay", "signal")
+SCENARIOS = ("mesh", "agent", "coordinator", "relay", "signal", "vault")
 
 pytestmark = [
     pytest.mark.slow,
