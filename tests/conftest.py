@@ -6,6 +6,7 @@ import base64
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -48,3 +49,38 @@ def pg_dsn() -> str:
             pytest.fail("STARLING_TEST_PG_DSN is not set: `make test` runs scripts/setup-postgres.sh first")
         pytest.skip("no PostgreSQL test database (run scripts/setup-postgres.sh)")
     return dsn
+
+
+# ----- The molecule scenarios in the background (tests/fixtures/molecule_run.py) -------------------------------
+MOLECULE_TESTS = "tests/integration/test_molecule.py::"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The molecule tests go last: they wait for the run that works while the other tests run."""
+    molecule = [item for item in items if item.nodeid.startswith(MOLECULE_TESTS)]
+    if molecule:
+        items[:] = [item for item in items if not item.nodeid.startswith(MOLECULE_TESTS)] + molecule
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    if config.option.collectonly or os.environ.get("STARLING_MOLECULE_FOREGROUND", "") not in ("", "0"):
+        return
+    if not any(item.nodeid.startswith(MOLECULE_TESTS) for item in session.items):
+        return
+    import shutil
+
+    if shutil.which("podman") is None or shutil.which("nft") is None:
+        return  # the tests skip themselves
+    from tests.fixtures.molecule_run import start
+
+    config.stash[MOLECULE_RUN] = start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    run = session.config.stash.get(MOLECULE_RUN, None)
+    if run is not None and run.result is None:  # the session ended before the molecule tests waited for it
+        run.stop()
+
+
+MOLECULE_RUN: pytest.StashKey[Any] = pytest.StashKey()

@@ -1,8 +1,9 @@
 """Every molecule scenario (molecule/<scenario>/) in podman containers, in one scripts/molecule.sh run.
 
-The run builds the local image and the wheelhouse when they are missing or out of date, then runs
-`molecule test` for all scenarios, three at a time (most of their time is spent waiting on systemd, pip and the
-services), each with container and network names of its own, on 198.18.0.0/15 networks only:
+The run (tests/fixtures/molecule_run.py: started in the background, at lower CPU priority, as soon as pytest has
+collected; these tests come last and wait for it) builds the local image and the wheelhouse when they are missing
+or out of date, then runs `molecule test` for all scenarios, three at a time, each with container and network
+names of its own, on 198.18.0.0/15 networks only:
 
   mesh         playbooks/site.yml on the container lab of scripts/lab.sh (coordinator + signal, coturn, OpenBao,
                an endpoint-independent and a symmetric NAT router, three agents): converge, idempotence, and
@@ -15,8 +16,8 @@ services), each with container and network names of its own, on 198.18.0.0/15 ne
   vault        the vault role on the controller against OpenBao in a container, credentials on two peers:
                check, converge, idempotence, verify (AppRole login; own key readable, the other refused)
 
-Each test below reports one scenario, with the end of its log on failure. About 10-13 minutes on 2 cores when
-the image exists (building it adds about 1.5 minutes).
+Each test below reports one scenario, with the end of its log on failure. About 12-14 minutes on 2 cores when
+the image exists (building it adds about 1.5 minutes), mostly while the rest of the suite runs.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import MOLECULE_RUN
+from tests.fixtures.molecule_run import LOGS, SCENARIOS, start
+
 ROOT = Path(__file__).resolve().parents[2]
-LOGS = ROOT / ".state" / "molecule-logs"
-# Longest first, so that the short ones fill the gaps.
-SCENARIOS = ("mesh", "agent", "coordinator", "relay", "signal", "vault")
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,33 +44,13 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def molecule_run() -> dict[str, object]:
-    prefix = f"stm{int(time.time())}{os.getpid()}"
-    jobs = os.environ.get("STARLING_MOLECULE_JOBS", "3")
-    env = dict(os.environ, STARLING_MOLECULE_PREFIX=prefix, MOLECULE_JOBS=jobs)
-    started = time.monotonic()
-    proc = subprocess.run(
-        ["bash", "scripts/molecule.sh", *SCENARIOS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=2700,
-        check=False,
-    )
-    output = proc.stdout + proc.stderr
-    match = re.search(r"timings: (.*)", output)
-    results: dict[str, str] = {}
-    for part in match.group(1).split(",") if match else []:
-        name, _, outcome = part.strip().partition(" ")
-        results[name] = outcome
-    return {
-        "rc": proc.returncode,
-        "output": output,
-        "results": results,
-        "prefix": prefix,
-        "seconds": time.monotonic() - started,
-    }
+def molecule_run(request: pytest.FixtureRequest) -> dict[str, object]:
+    """The run tests/conftest.py started in the background when the session collected (else one started now)."""
+    run = request.config.stash.get(MOLECULE_RUN, None)
+    if run is None:
+        run = start(niceness=0)
+        request.config.stash[MOLECULE_RUN] = run
+    return run.wait(timeout=3600)
 
 
 def scenario_log(prefix: str, scenario: str) -> str:
