@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def pg_dsn() -> str:
 
 # ----- The molecule scenarios in the background (tests/fixtures/molecule_run.py) -------------------------------
 MOLECULE_TESTS = "tests/integration/test_molecule.py::"
+MOLECULE_RUN: pytest.StashKey[Any] = pytest.StashKey()
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -68,8 +70,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if not any(item.nodeid.startswith(MOLECULE_TESTS) for item in session.items):
         return
-    import shutil
-
     if shutil.which("podman") is None or shutil.which("nft") is None:
         return  # the tests skip themselves
     from tests.fixtures.molecule_run import start
@@ -81,6 +81,3 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     run = session.config.stash.get(MOLECULE_RUN, None)
     if run is not None and run.result is None:  # the session ended before the molecule tests waited for it
         run.stop()
-
-
-MOLECULE_RUN: pytest.StashKey[Any] = pytest.StashKey()
