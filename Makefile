@@ -9,7 +9,7 @@ PYTHON := $(BIN)/python
 STATE  := .state
 PG_ENV := $(STATE)/pg.env
 # Only the directories that exist: git keeps no empty directories, so a clean clone may lack some.
-LINT_PATHS := $(wildcard coordinator agent tests bench)
+LINT_PATHS := $(wildcard coordinator agent starling_proto tests bench)
 PYTEST_ARGS ?=
 
 # Export the test database DSN (written by scripts/setup-postgres.sh) when it exists.

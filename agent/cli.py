@@ -26,7 +26,7 @@ from agent import __version__
 from agent.client import CoordinatorError, enroll
 from agent.config import AgentConfig, AgentConfigError, AgentState, ensure_state_dir, load_config, save_config
 from agent.control import ControlError, call
-from agent.keys import FileKeySource, KeyError_, generate_private_key, make_key_source, public_key_of
+from agent.keys import FileKeySource, KeyError_, generate_private_key, make_key_source
 from agent.wg import WireGuardError
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_NOT_RUNNING = 1, 2, 3, 4, 5
@@ -168,18 +168,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         private = keys.load()
     if existing is None or setup_key:
-        if not setup_key:
+        if not setup_key and fresh_key is not None:
             raise CliError("--setup-key is required to enroll this host", EXIT_USAGE)
-        body = {
-            "setup_key": setup_key,
-            "public_key": public_key_of(private),
+        # Sealed with our private key: a known key logs in on that proof alone, a new one needs the setup key.
+        body: dict[str, Any] = {
             "hostname": config.hostname or socket.gethostname(),
             "os": f"{platform.system()} {platform.release()}",
             "agent_version": __version__,
         }
+        if setup_key:
+            body["setup_key"] = setup_key
         try:
-            result = enroll(config.management_url, body, verify=config.tls_context())
+            result = enroll(config.management_url, private, body, verify=config.tls_context())
         except CoordinatorError as exc:
+            if exc.status == 403 and not setup_key:
+                raise CliError(f"--setup-key is required to enroll this host ({exc})", EXIT_USAGE) from exc
             code = EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED if exc.status in (401, 403) else EXIT_RUNTIME
             raise CliError(f"enrollment failed: {exc}", code) from exc
         ensure_state_dir(config.state_dir)
@@ -190,7 +193,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         peer = result["peer"]
         state = AgentState(config.management_url, peer["id"], peer["name"], peer["mesh_ip"], result["credential"])
         state.save(state_file)
-        print(f"enrolled as {peer['name']} ({peer['mesh_ip']}) in {config.management_url}")
+        verb = "logged in" if result.get("login") else "enrolled"
+        print(f"{verb} as {peer['name']} ({peer['mesh_ip']}) in {config.management_url}")
     save_config(config, config_path(args))
     if not args.foreground and _systemd_available():
         _start_systemd(config_path(args))

@@ -1,4 +1,5 @@
-"""HTTP client for the coordinator: enrollment, the map stream (SSE), state reports, signal tokens."""
+"""HTTP client for the coordinator: sealed enrollment/login and key rotation (proof of possession of the
+WireGuard private key, starling_proto.seal), the map stream (SSE), state reports, signal tokens."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 
 import httpx
 
+from agent.keys import private_key_object
+from starling_proto.seal import Purpose, SealError, seal
+
 
 class CoordinatorError(Exception):
     """The coordinator refused or failed a request; `status` is the HTTP status (0: unreachable)."""
@@ -16,6 +20,11 @@ class CoordinatorError(Exception):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+
+def printable(text: str) -> str:
+    """Text the coordinator accepts in reports: control and formatting characters become spaces."""
+    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def _error(resp: httpx.Response) -> CoordinatorError:
@@ -26,19 +35,40 @@ def _error(resp: httpx.Response) -> CoordinatorError:
     return CoordinatorError(f"coordinator answered {resp.status_code}: {message}", resp.status_code)
 
 
-def enroll(
-    url: str, body: dict[str, Any], timeout: float = 15.0, verify: ssl.SSLContext | None = None
-) -> dict[str, Any]:
+def _sealed(purpose: Purpose, challenge: dict[str, Any], privates: list[str], payload: dict[str, Any]) -> Any:
     try:
-        resp = httpx.post(
-            url.rstrip("/") + "/api/v1/enroll", json=body, timeout=timeout, verify=verify if verify else True
+        return seal(
+            purpose,
+            [private_key_object(p) for p in privates],
+            str(challenge.get("coordinator_public_key", "")),
+            str(challenge.get("challenge", "")),
+            payload,
         )
+    except SealError as exc:
+        raise CoordinatorError(f"cannot seal the request: {exc}") from exc
+
+
+def enroll(
+    url: str, private_key: str, payload: dict[str, Any], timeout: float = 15.0, verify: ssl.SSLContext | None = None
+) -> dict[str, Any]:
+    """Enroll (payload with `setup_key`) or log in (a known key, no setup key needed): fetch a challenge,
+    send the payload sealed with `private_key`, open the sealed reply (peer, credential, signing key)."""
+    base = url.rstrip("/")
+    try:
+        with httpx.Client(timeout=timeout, verify=verify if verify else True) as client:
+            resp = client.post(base + "/api/v1/challenge")
+            if resp.status_code != 200:
+                raise _error(resp)
+            wire, reply = _sealed("enroll", resp.json(), [private_key], payload)
+            resp = client.post(base + "/api/v1/enroll", json=wire)
     except httpx.HTTPError as exc:
         raise CoordinatorError(f"coordinator {url} is unreachable: {exc}") from exc
     if resp.status_code != 200:
         raise _error(resp)
-    data: dict[str, Any] = resp.json()
-    return data
+    try:
+        return reply.open(resp.json())  # type: ignore[no-any-return]
+    except (SealError, ValueError) as exc:
+        raise CoordinatorError(f"the coordinator's reply does not open with our key: {exc}") from exc
 
 
 class PeerApi:
@@ -52,6 +82,9 @@ class PeerApi:
             timeout=httpx.Timeout(10.0, read=None),
             verify=verify if verify else True,
         )
+
+    def set_credential(self, credential: str) -> None:
+        self.client.headers["Authorization"] = f"Bearer {credential}"
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -71,19 +104,19 @@ class PeerApi:
     async def report_state(self, connections: list[dict[str, Any]]) -> None:
         await self._post("/api/v1/peer/state", {"connections": connections})
 
-    async def change_key(self, public_key: str, previous: str, phase: str, version: int | None, source: str) -> None:
-        body: dict[str, Any] = {
-            "public_key": public_key,
-            "previous_public_key": previous,
-            "phase": phase,
-            "source": source,
-        }
+    async def change_key(
+        self, current_private: str, new_private: str, phase: str, version: int | None, source: str
+    ) -> None:
+        """Present a new key, sealed with the current one (the key the coordinator holds) and the new one."""
+        challenge = (await self._post("/api/v1/challenge")).json()
+        payload: dict[str, Any] = {"phase": phase, "source": source}
         if version is not None:
-            body["version"] = version
-        await self._post("/api/v1/peer/key", body)
+            payload["version"] = version
+        wire, _reply = _sealed("rotate", challenge, [current_private, new_private], payload)
+        await self._post("/api/v1/peer/key", wire)
 
     async def report_event(self, kind: str, message: str) -> None:
-        await self._post("/api/v1/peer/events", {"kind": kind, "message": message[:1024]})
+        await self._post("/api/v1/peer/events", {"kind": kind, "message": printable(message)[:1024]})
 
     async def stream(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Yield (event, data) from the map stream until it ends; raises CoordinatorError on failure."""

@@ -16,14 +16,16 @@ import contextlib
 import ipaddress
 import json
 import logging
+import platform
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from agent import __version__, netlink
-from agent.client import CoordinatorError, PeerApi
+from agent.client import CoordinatorError, PeerApi, enroll
 from agent.config import AgentConfig, AgentState, write_private
 from agent.control import ControlServer
 from agent.firewall import Firewall, FirewallError, FirewallMapError
@@ -81,6 +83,7 @@ class Agent(PeerLinks, KeyRotation):
         self.signal_status = ServiceStatus()
         self.tls = config.tls_context()
         self.api = PeerApi(state.management_url, state.credential, verify=self.tls)
+        self._last_relogin = -1e9
         self.signal: Any = None
         self.started = time.time()
         self.stop_event = asyncio.Event()
@@ -230,12 +233,37 @@ class Agent(PeerLinks, KeyRotation):
                 continue
             except CoordinatorError as exc:
                 self.management.set(False, str(exc))
-                if exc.status == 401:
-                    log.error("coordinator refused our credential: run `starling up` again")
+                if exc.status == 401 and await self._relogin():
+                    delays = backoff_delays()
+                    continue
             except (ValueError, KeyError, TypeError) as exc:
                 self.management.set(False, f"bad map message: {exc}")
                 log.error("bad map message from the coordinator: %s", exc)
             await asyncio.sleep(next(delays))
+
+    async def _relogin(self) -> bool:
+        """The coordinator refused our credential (restored database, credential reset): log in again with a
+        sealed request proving our WireGuard key, at most once a minute. True when a new credential is in use."""
+        now = time.monotonic()
+        if now - self._last_relogin < 60:
+            log.error("coordinator refused our credential again: run `starling up` again")
+            return False
+        self._last_relogin = now
+        body = {
+            "hostname": self.config.hostname or socket.gethostname(),
+            "agent_version": __version__,
+            "os": f"{platform.system()} {platform.release()}",
+        }
+        try:
+            result = await asyncio.to_thread(enroll, self.state.management_url, self.private_key, body, 15.0, self.tls)
+        except CoordinatorError as exc:
+            log.error("coordinator refused our credential and the login with our key: %s", exc)
+            return False
+        self.state.credential = str(result["credential"])
+        await asyncio.to_thread(self.state.save, self.config.state_file)
+        self.api.set_credential(self.state.credential)
+        log.warning("the coordinator refused our credential: logged in again with our key (new credential)")
+        return True
 
     async def _apply(self, msg: dict[str, Any], *, initial: bool = False) -> None:
         change = self.map.apply(msg)

@@ -39,6 +39,10 @@ def decode_key(value: str) -> bytes:
     return raw
 
 
+def private_key_object(private_b64: str) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(decode_key(private_b64))
+
+
 def generate_private_key() -> str:
     raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     clamped = bytearray(raw)
@@ -63,6 +67,11 @@ class KeySource(Protocol):
         """Periodic upkeep (token renewal); cheap when there is nothing to do."""
         ...
 
+    def find(self, public_key: str) -> str | None:
+        """An earlier private key of this source whose public key is `public_key`, if the source keeps
+        history (Vault versions); None otherwise. Used to prove the key the coordinator still holds."""
+        ...
+
 
 class FileKeySource:
     name = "file"
@@ -76,6 +85,9 @@ class FileKeySource:
 
     def maintain(self) -> None:
         pass
+
+    def find(self, public_key: str) -> str | None:
+        return None  # a key file keeps no history
 
     def load(self) -> str:
         if not self.path.exists():

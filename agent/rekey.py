@@ -53,6 +53,7 @@ class KeyRotation:
     signal: Any
 
     _rekey_lock: asyncio.Lock
+    _previous_private: str | None = None  # the key before the last switch (to repair a lost commit)
 
     def _wg_peers_safe(self) -> dict[str, Any]:
         raise NotImplementedError  # provided by PeerLinks
@@ -85,13 +86,13 @@ class KeyRotation:
         if new_public == self.public_key:
             if held != new_public:
                 # An earlier rotation switched WireGuard but its commit never reached the coordinator.
-                await self._change(new_public, held, "commit", version, "commit")
+                await self._change(new_private, held, "commit", version, "commit")
                 self.map.me["public_key"] = new_public
                 return {**result, "changed": True, "repaired": True}
             return {**result, "changed": False}
 
         old_private, old_public = self.private_key, self.public_key
-        await self._change(new_public, held, "prepare", version, "prepare")
+        await self._change(new_private, held, "prepare", version, "prepare")
         before = await asyncio.to_thread(self._wg_peers_safe)
         now = time.time()
         expected = {
@@ -105,8 +106,9 @@ class KeyRotation:
         except WireGuardError as exc:
             raise RekeyError(f"WireGuard refused the new key: {exc}", "switch") from exc
         self.private_key, self.public_key = new_private, new_public
+        self._previous_private = old_private
         try:
-            await self._change(new_public, held, "commit", version, "commit")
+            await self._change(new_private, held, "commit", version, "commit")
         except RekeyError:
             await asyncio.to_thread(self.backend.set_private_key, old_private)
             self.private_key, self.public_key = old_private, old_public
@@ -148,7 +150,7 @@ class KeyRotation:
             if held == self.public_key:
                 return
             try:
-                await self._change(self.public_key, held, "commit", self.keys.version, "commit")
+                await self._change(self.private_key, held, "commit", self.keys.version, "commit")
             except RekeyError as exc:
                 log.error("the coordinator holds key %s... for us, not ours: %s", held[:8], exc)
                 return
@@ -156,11 +158,38 @@ class KeyRotation:
             log.warning("presented our key %s... (the coordinator held %s...)", self.public_key[:8], held[:8])
             await self._event("key.reloaded", f"key {held[:8]}... -> {self.public_key[:8]}... presented at start-up")
 
-    async def _change(self, public: str, previous: str, phase: str, version: int | None, stage: str) -> None:
+    async def _change(
+        self,
+        new_private: str,
+        held: str,
+        phase: str,
+        version: int | None,
+        stage: str,
+    ) -> None:
+        """Present `new_private`'s public key, sealed with it and with the private key of `held` (the key the
+        coordinator holds): ours now, the previous one kept in memory, or an earlier version in the source."""
+        held_private = await self._private_for(held)
+        if held_private is None:
+            raise RekeyError(
+                f"cannot prove possession of the key the coordinator holds ({held[:8]}...): it is neither our "
+                f"key nor in {self.keys.name}'s history; remove this peer and enroll again",
+                stage,
+            )
         try:
-            await self.api.change_key(public, previous, phase, version, self.keys.name)
+            await self.api.change_key(held_private, new_private, phase, version, self.keys.name)
         except CoordinatorError as exc:
             raise RekeyError(f"the coordinator did not take the new key ({phase}): {exc}", stage) from exc
+
+    async def _private_for(self, public: str) -> str | None:
+        if public == self.public_key:
+            return self.private_key
+        if self._previous_private is not None and public_key_of(self._previous_private) == public:
+            return self._previous_private
+        try:
+            return await asyncio.to_thread(self.keys.find, public)
+        except KeyError_ as exc:
+            log.warning("cannot look up an earlier key in %s: %s", self.keys.name, exc)
+            return None
 
     def _new_signal_identity(self) -> None:
         """Signal admits us by our public key and seals messages with our private key: reconnect."""

@@ -126,6 +126,29 @@ class VaultKeySource:
         self._write_cache(value, version)
         return value
 
+    def find(self, public_key: str, depth: int = 10) -> str | None:
+        """The private key of an earlier version whose public key is `public_key` (up to `depth` versions
+        back), or None: the proof for the key the coordinator still holds after a rotation made in Vault
+        while this agent was down. Never the cache."""
+        from agent.keys import public_key_of
+
+        latest = self.version
+        if latest is None:
+            return None
+        for version in range(latest - 1, max(0, latest - depth), -1):
+            try:
+                data, _ = self._read_secret(version)
+            except KeyError_:
+                continue
+            value = data.get("private_key")
+            if isinstance(value, str):
+                try:
+                    if public_key_of(value) == public_key:
+                        return value
+                except KeyError_:
+                    continue
+        return None
+
     def maintain(self) -> None:
         """Keep the token alive (called periodically by the daemon): renew at half its lease."""
         if self._token is None or self.token_file is not None or not self._renewable:
@@ -141,11 +164,12 @@ class VaultKeySource:
         self._remember_lease(body.get("auth") or {})
 
     # ----- Vault calls -----------------------------------------------------------------------
-    def _read_secret(self) -> tuple[dict[str, Any], int | None]:
+    def _read_secret(self, version: int | None = None) -> tuple[dict[str, Any], int | None]:
+        query = f"?version={version}" if version is not None else ""
         for attempt in (1, 2):
             self._ensure_token()
             try:
-                body = self._request("GET", f"/v1/{self.mount}/data/{self.path}")
+                body = self._request("GET", f"/v1/{self.mount}/data/{self.path}{query}")
             except _Denied:
                 if attempt == 1 and self.token_file is None:
                     self._token = None  # a revoked or expired token: log in once more

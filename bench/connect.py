@@ -63,6 +63,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.enroll import sealed_enroll
 from tests.fixtures.mesh import SignalProcess
 from tests.fixtures.netns import Host, NetLab, have_netns, run
 
@@ -285,8 +286,7 @@ class Bench:
 
     def enroll_fake(self, group: str, hostname: str, client: httpx.Client | None = None) -> dict[str, Any]:
         """Enroll a peer that never connects: a random X25519 public key through the API."""
-        body = {"setup_key": self.setup_key(group), "public_key": keypair()[1], "hostname": hostname}
-        r = (client or httpx).post(self.coord.url + "/api/v1/enroll", json=body, timeout=30)
+        r = sealed_enroll(self.coord.url, {"setup_key": self.setup_key(group), "hostname": hostname}, client=client)
         if r.status_code != 200:
             raise RuntimeError(f"enroll {hostname}: {r.status_code} {r.text}")
         return dict(r.json())

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.fixtures.coordinator import CoordinatorProcess, running_coordinator
+from tests.fixtures.enroll import sealed_enroll
 
 GOAL_P95_S = 1.0
 POLL_INTERVAL = 1.0
@@ -110,8 +111,8 @@ class Setup:
 
 
 def enroll(url: str, key: str, hostname: str, client: httpx.Client | None = None) -> dict[str, Any]:
-    body = {"setup_key": key, "public_key": wg_public_key(), "hostname": hostname}
-    r = (client or httpx).post(url + "/api/v1/enroll", json=body, timeout=60)
+    """A sealed enrollment as the agent does it: challenge, X25519 seal, open the sealed reply."""
+    r = sealed_enroll(url, {"setup_key": key, "hostname": hostname}, client=client, timeout=60)
     if r.status_code != 200:
         raise RuntimeError(f"enroll {hostname}: {r.status_code} {r.text}")
     return dict(r.json())
@@ -260,11 +261,9 @@ async def do_write(index: int, api: httpx.AsyncClient, coord: CoordinatorProcess
         r = await api.patch(f"/api/v1/policies/{setup.policy_id}", json={"ports": [443, port]})
         r.raise_for_status()
         return f"PATCH policy ports -> [443, {port}]", port
-    body = {"setup_key": setup.hub_key, "public_key": wg_public_key(), "hostname": f"hub-{index}"}
-    r = await api.post(coord.url + "/api/v1/enroll", json=body)
-    r.raise_for_status()
-    setup.hubs.append(r.json())
-    return f"enroll hub peer {r.json()['peer']['name']}", r.json()["peer"]["name"]
+    r = await asyncio.to_thread(enroll, coord.url, setup.hub_key, f"hub-{index}")
+    setup.hubs.append(r)
+    return f"enroll hub peer {r['peer']['name']}", r["peer"]["name"]
 
 
 def delta_matches(event: Event, expect: Any) -> bool:

@@ -20,6 +20,7 @@ Run from the repository root:  PYTHONPATH=. .venv/bin/python bench/rotation.py [
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import tempfile
 import time
@@ -29,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from starling_proto.seal import seal
 from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.enroll import sealed_enroll
 from tests.fixtures.openbao import dev_server
-from tests.fixtures.vault_mesh import MOUNT, VaultPeers, key_path, new_keypair
+from tests.fixtures.vault_mesh import MOUNT, VaultPeers, key_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,10 +89,8 @@ def bench(coord: CoordinatorProcess, vault: VaultPeers, n: int, parallel: int) -
         name = f"p{i:04d}"
         vault.write_key(name, cas=0)
         _, data = vault.current(name)
-        r = httpx.post(
-            coord.url + "/api/v1/enroll",
-            json={"setup_key": setup, "public_key": data["public_key"], "hostname": name, "name": name},
-        )
+        private = X25519PrivateKey.from_private_bytes(base64.b64decode(data["private_key"]))
+        r = sealed_enroll(coord.url, {"setup_key": setup, "hostname": name, "name": name}, private_key=private)
         assert r.status_code == 200, r.text
         peers.append(
             {
@@ -96,6 +98,7 @@ def bench(coord: CoordinatorProcess, vault: VaultPeers, n: int, parallel: int) -
                 "credential": r.json()["credential"],
                 "id": r.json()["peer"]["id"],
                 "public": data["public_key"],
+                "private": private,
             }
         )
     client = vault.client
@@ -111,25 +114,32 @@ def bench(coord: CoordinatorProcess, vault: VaultPeers, n: int, parallel: int) -
             path=key_path(peer["name"]), mount_point=MOUNT, raise_on_deleted_version=True
         )
         assert latest["data"]["data"]["public_key"] == new_public
+        new_private = X25519PrivateKey.from_private_bytes(base64.b64decode(latest["data"]["data"]["private_key"]))
         headers = {"Authorization": f"Bearer {peer['credential']}"}
-        body = {"public_key": new_public, "previous_public_key": peer["public"], "version": version, "source": "vault"}
+        payload = {"version": version, "source": "vault"}
         for phase in ("prepare", "commit"):  # one shared client: an agent keeps its connection too
-            r = http.post("/api/v1/peer/key", json={**body, "phase": phase}, headers=headers)
+            ch = http.post("/api/v1/challenge").json()  # each step is sealed with both keys over a fresh challenge
+            wire, _ = seal(
+                "rotate", [peer["private"], new_private], ch["coordinator_public_key"], ch["challenge"],
+                {**payload, "phase": phase},
+            )
+            r = http.post("/api/v1/peer/key", json=wire, headers=headers)
             assert r.status_code == 200, r.text
-        peer["public"] = new_public
+        peer["public"], peer["private"] = new_public, new_private
 
     def reenroll(i: int) -> None:
         peer = peers[i]
         name = f"re-{peer['name']}-{time.monotonic_ns()}"
         key = api.post("/api/v1/setup-keys", json={"name": name, "auto_groups": ["bench"]}).json()["key"]
         assert api.delete(f"/api/v1/peers/{peer['id']}").status_code == 204
-        _private, public = new_keypair()
-        r = http.post(
-            "/api/v1/enroll",
-            json={"setup_key": key, "public_key": public, "hostname": peer["name"], "name": peer["name"]},
+        private = X25519PrivateKey.generate()
+        r = sealed_enroll(
+            coord.url, {"setup_key": key, "hostname": peer["name"], "name": peer["name"]}, private_key=private,
+            client=http,
         )
         assert r.status_code == 200, r.text
-        peer["id"], peer["credential"], peer["public"] = r.json()["peer"]["id"], r.json()["credential"], public
+        peer["id"], peer["credential"], peer["public"] = r.json()["peer"]["id"], r.json()["credential"], r.public_key
+        peer["private"] = private
 
     results: dict[str, Any] = {"peers": n, "parallel": parallel}
     for label, par in (("serial", 1), ("batch", parallel)):

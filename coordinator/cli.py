@@ -1,4 +1,9 @@
-"""`starling-coordinator`: serve the API, run migrations, print the OpenAPI document or the admin token."""
+"""`starling-coordinator`: serve the API, run migrations, print the OpenAPI document or the admin token.
+
+Exit codes: 0 ok; 2 the configuration, TLS files, listening port, state directory, database or secret source
+cannot be used: one line on stderr, found before anything is written (see coordinator.preflight). A genuine
+bug still raises, with its traceback (exit 1).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,17 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
 from coordinator import __version__, configfile
 from coordinator.config import ConfigError, CoordinatorConfig, load_config
+from coordinator.preflight import PreflightError, check_coordinator, one_line
+from coordinator.preflight import tls_problem as tls_problem  # re-exported: it used to live here
 
 EXIT_CONFIG = 2
-EXIT_RUNTIME = 1
+log = logging.getLogger("coordinator.cli")
 
 
 def setup_logging(config: CoordinatorConfig) -> None:
@@ -38,34 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"starling-coordinator: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return fail(str(exc))
     setup_logging(config)
     try:
         return _run(args.command, config)
+    except PreflightError as exc:
+        return fail(str(exc))
     except Exception as exc:  # operator-facing: one clear line, no traceback
         from coordinator.secrets import SecretError
         from coordinator.store import StoreError
 
         if isinstance(exc, SecretError | StoreError):
-            print(f"starling-coordinator: {exc}", file=sys.stderr)
-            return EXIT_RUNTIME
+            return fail(str(exc))
         raise
 
 
-def tls_problem(certfile: Path, keyfile: Path) -> str | None:
-    """Why the certificate and key cannot serve HTTPS (None when they can): checked before the listener starts."""
-    import ssl
-
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
-    except FileNotFoundError as exc:
-        return f"{exc.filename or certfile}: no such file"
-    except PermissionError as exc:
-        return f"{exc.filename or certfile}: permission denied"
-    except (ssl.SSLError, OSError) as exc:
-        return f"cannot use certfile {certfile} with keyfile {keyfile}: {exc}"
-    return None
+def fail(message: str) -> int:
+    print(f"starling-coordinator: {one_line(message)}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _run(command: str, config: CoordinatorConfig) -> int:
@@ -75,34 +73,47 @@ def _run(command: str, config: CoordinatorConfig) -> int:
         print(json.dumps(create_app(config).openapi(), indent=2, sort_keys=True))
         return 0
     if command == "migrate":
+        check_coordinator(config, "migrate")
         from coordinator.store import Store
 
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         Store(config.database_url()).migrate()
         return 0
     if command == "show-admin-token":
+        check_coordinator(config, "show-admin-token")
         from coordinator.secrets import ensure_secrets, load_secret_source
 
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         print(ensure_secrets(load_secret_source(config.secrets, config.state_dir))["admin_token"])
         return 0
-    if config.tls is not None and (problem := tls_problem(config.tls.certfile, config.tls.keyfile)):
-        print(f"starling-coordinator: tls: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+    sock = check_coordinator(config, "serve")
+    assert sock is not None
+    with sock:  # uvicorn closes it on shutdown too; closing twice is harmless
+        return _serve(config, sock)
+
+
+def _serve(config: CoordinatorConfig, sock: socket.socket) -> int:
+    """Secrets, store and migrations (the preflight passed), then uvicorn on the listener the preflight bound."""
     import uvicorn
 
-    from coordinator.api.app import create_app
+    from coordinator.api.app import build_coordinator, create_app
 
-    uvicorn.run(
-        create_app(config),
-        host=config.listen.host,
-        port=config.listen.port,
-        log_config=None,
-        proxy_headers=False,
-        timeout_graceful_shutdown=5,
-        ssl_certfile=str(config.tls.certfile) if config.tls else None,
-        ssl_keyfile=str(config.tls.keyfile) if config.tls else None,
+    coord = build_coordinator(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, coord),
+            host=config.listen.host,
+            port=config.listen.port,
+            log_config=None,
+            proxy_headers=False,
+            timeout_graceful_shutdown=5,
+            ssl_certfile=str(config.tls.certfile) if config.tls else None,
+            ssl_keyfile=str(config.tls.keyfile) if config.tls else None,
+        )
     )
+    host, port = sock.getsockname()[:2]
+    log.info("serving on %s://%s:%d", "https" if config.tls else "http", f"[{host}]" if ":" in host else host, port)
+    server.run(sockets=[sock])
     return 0
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from coordinator.configfile import ConfigError as ConfigError  # re-exported for callers
 from coordinator.configfile import load_yaml_config
@@ -60,6 +60,38 @@ class MeshDefaults(_Strict):
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     state_report_interval: float = Field(1.0, ge=0.0)
+    # Failed authentications per source address (coordinator.throttle): a bucket of `burst` failures,
+    # refilled at `per_minute`; either at 0 disables the limit.
+    auth_failures_burst: int = Field(20, ge=0)
+    auth_failures_per_minute: float = Field(10.0, ge=0.0)
+    auth_failures_max_sources: int = Field(10_000, ge=1)
+    challenge_ttl: int = Field(30, ge=5, le=600, description="seconds a sealed-request challenge stays usable")
+
+
+class DashboardConfig(_Strict):
+    """The web dashboard under /dashboard (docs/dashboard.md); the defaults are what it always did."""
+
+    poll_interval: float = Field(1.0, gt=0, le=60, description="seconds between the live feed's checks for changes")
+    session_ttl: int = Field(8 * 3600, ge=60, le=30 * 86400, description="seconds a login lasts")
+    cookie_secure: bool | Literal["auto"] = Field(
+        "auto", description="the cookies' Secure flag; auto: set when the request came over https"
+    )
+    heartbeat: float = Field(15.0, gt=0, le=300, description="SSE keep-alive and session re-check period")
+
+    @field_validator("cookie_secure", mode="before")
+    @classmethod
+    def _cookie_secure(cls, value: Any) -> Any:
+        choices = {"true": True, "false": False, "auto": "auto"}
+        if isinstance(value, str) and value.lower() in choices:
+            return choices[value.lower()]
+        if not isinstance(value, bool):
+            raise ValueError("must be true, false or auto")
+        return value
+
+    @property
+    def secure(self) -> bool | None:
+        """cookie_secure as the dashboard takes it (None: decide per request)."""
+        return None if self.cookie_secure == "auto" else self.cookie_secure
 
 
 class LogConfig(_Strict):
@@ -79,7 +111,19 @@ class CoordinatorConfig(_Strict):
     stream_heartbeat: float = Field(15.0, gt=0)
     maintenance_interval: float = Field(5.0, gt=0)
     signal_token_ttl: int = Field(600, ge=30, le=86400)
-    dashboard_poll_interval: float = Field(1.0, gt=0, le=60)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    # The old name of dashboard.poll_interval, still accepted (not together with the new one).
+    dashboard_poll_interval: float | None = Field(None, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _old_dashboard_poll_interval(self) -> CoordinatorConfig:
+        if self.dashboard_poll_interval is not None:
+            if "poll_interval" in self.dashboard.model_fields_set:
+                raise ValueError(
+                    "dashboard_poll_interval is the old name of dashboard.poll_interval: set only the new one"
+                )
+            self.dashboard.poll_interval = self.dashboard_poll_interval
+        return self
 
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{(self.state_dir / 'coordinator.db').resolve()}"

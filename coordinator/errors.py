@@ -47,8 +47,14 @@ class Unauthorized(DomainError):
 
 
 class RateLimited(DomainError):
+    """Too many requests; `retry_after` (seconds) becomes the response's `Retry-After` header when set."""
+
     status = 429
     code = "rate_limited"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class Unavailable(DomainError):

@@ -34,6 +34,15 @@ class Metrics:
             "starling_stream_messages_total", "Messages sent on map streams", ["type"], registry=r
         )
         self.revision = Gauge("starling_mesh_revision", "Store revision of the mesh", registry=r)
+        self.auth_failures = Counter(
+            "starling_coordinator_auth_failures_total", "Failed authentications", ["kind"], registry=r
+        )
+        self.auth_throttled = Counter(
+            "starling_coordinator_auth_throttled_total",
+            "Authentication attempts refused (429) because their source address failed too often",
+            ["kind"],
+            registry=r,
+        )
 
     def observe_compute(self, maps: int, seconds: float, *, full: bool) -> None:
         kind = "full" if full else "incremental"

@@ -6,7 +6,9 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from starling_proto.keys import KeyFormatError, decode_public_key
 
 PEER_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 LABEL = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
@@ -14,9 +16,30 @@ WG_KEY = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 DNS_DOMAIN = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 RELAY_URL = r"^(turn|turns|stun):[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$"
 
+# Control characters (C0, C1, DEL), format characters (bidi overrides and isolates, zero-width marks) and
+# line/paragraph separators: text a peer reports about itself is shown to operators, so none of these.
+UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def _public_key(value: str) -> str:
+    try:
+        decode_public_key(value)
+    except KeyFormatError as exc:
+        raise ValueError(f"WireGuard public key {exc}") from exc
+    return value
+
+
+def _safe_text(value: str) -> str:
+    bad = UNSAFE_TEXT.search(value)
+    if bad:
+        raise ValueError(f"contains a control or formatting character (U+{ord(bad.group()):04X}) at {bad.start()}")
+    return value
+
+
 PeerName = Annotated[str, StringConstraints(pattern=PEER_NAME)]
 Label = Annotated[str, StringConstraints(pattern=LABEL)]
-WgKey = Annotated[str, StringConstraints(pattern=WG_KEY)]
+WgKey = Annotated[str, StringConstraints(pattern=WG_KEY), AfterValidator(_public_key)]
+SafeText = AfterValidator(_safe_text)
 Text = Annotated[str, StringConstraints(max_length=1024)]
 Short = Annotated[str, StringConstraints(max_length=255)]
 Protocol = Literal["any", "tcp", "udp", "icmp"]
@@ -35,9 +58,11 @@ class Page(BaseModel, Generic[T]):
 
 
 class ErrorBody(BaseModel):
-    error: str
+    """The body of every error response (docs/api.md, coordinator/api/contract.py)."""
+
+    error: str = Field(description="machine-readable code, e.g. `validation_error`")
     message: str
-    field: str | None = None
+    field: str | None = Field(description="the offending field or parameter, e.g. `destinations.groups[0]`")
 
 
 # ----- peers --------------------------------------------------------------------------------
@@ -55,21 +80,17 @@ class PeerEvent(Model):
     """Something the agent saw that operators must be able to audit (e.g. its firewall was tampered with)."""
 
     kind: Literal["firewall.drift", "firewall.error", "firewall.disabled", "key.reloaded", "key.verified", "key.failed"]
-    message: Annotated[str, StringConstraints(max_length=1024)]
+    message: Annotated[str, StringConstraints(max_length=1024), SafeText]
 
 
-class KeyChange(Model):
-    """A peer presents a new WireGuard public key (key rotation), authenticated by its credential.
+class KeyChangePayload(Model):
+    """Inside a sealed key rotation (`public_key` = the key the coordinator holds, `new_public_key` = the
+    new one; the seal proves possession of both). `prepare` only validates and records the intent;
+    `commit` makes the coordinator use the new key and pushes it to every peer that may reach this one."""
 
-    `prepare` only validates and records the intent; `commit` makes the coordinator use the new key
-    and pushes it to every peer that may reach this one. `previous_public_key` is a check-and-set
-    guard: it must be the key the coordinator holds now."""
-
-    public_key: WgKey
-    previous_public_key: WgKey
     phase: Literal["prepare", "commit"] = "commit"
     version: int | None = Field(None, ge=1, description="the key's version in the key source (Vault), if any")
-    source: Annotated[str, StringConstraints(max_length=32)] = ""
+    source: Annotated[str, StringConstraints(max_length=32), SafeText] = ""
 
 
 class StateReport(Model):
@@ -101,19 +122,57 @@ class PeerUpdate(Model):
     approved: bool | None = None
 
 
-class EnrollRequest(Model):
-    setup_key: Annotated[str, StringConstraints(min_length=8, max_length=128)]
+class Challenge(BaseModel):
+    """A single-use challenge for one sealed request, and the key to seal it to (docs/security.md)."""
+
+    challenge: str
+    expires_at: int = Field(description="unix seconds; the challenge is refused after this")
+    coordinator_public_key: str = Field(description="the coordinator's static X25519 key (base64)")
+    algorithm: Literal["starling-seal-v1"] = "starling-seal-v1"
+
+
+class SealedRequest(Model):
+    """A request sealed with the sender's WireGuard private key(s) to the coordinator's identity key,
+    over a fresh challenge: proof of possession of `public_key` (and of `new_public_key` for a rotation).
+    `box` holds the JSON payload (EnrollPayload or KeyChangePayload); see docs/security.md."""
+
+    v: Literal[1]
+    challenge: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     public_key: WgKey
-    hostname: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    new_public_key: WgKey | None = None
+    nonce: Annotated[str, StringConstraints(min_length=16, max_length=16)]
+    box: Annotated[str, StringConstraints(min_length=24, max_length=65536)]
+
+
+class SealedReply(BaseModel):
+    """The reply to a sealed request, readable only with the request's keys (EnrollResponse inside)."""
+
+    v: Literal[1] = 1
+    nonce: str
+    box: str
+
+
+Hostname = Annotated[str, StringConstraints(min_length=1, max_length=253), SafeText]
+OsName = Annotated[str, StringConstraints(max_length=128), SafeText]
+AgentVersion = Annotated[str, StringConstraints(max_length=64), SafeText]
+
+
+class EnrollPayload(Model):
+    """Inside a sealed enrollment. A known public key logs in on its proof alone (`setup_key` is then
+    ignored: it never grants power over an existing peer); an unknown one needs a valid setup key."""
+
+    setup_key: Annotated[str, StringConstraints(min_length=8, max_length=128)] | None = None
+    hostname: Hostname
     name: PeerName | None = None
-    os: Short = ""
-    agent_version: Annotated[str, StringConstraints(max_length=64)] = ""
+    os: OsName = ""
+    agent_version: AgentVersion = ""
 
 
 class EnrollResponse(BaseModel):
     peer: PeerOut
     credential: str = Field(description="Peer credential: send as `Authorization: Bearer` on /api/v1/peer/*")
     signing_public_key: str
+    login: bool = Field(False, description="true when a known peer logged in again (nothing was enrolled)")
 
 
 class SignalToken(BaseModel):

@@ -1,11 +1,12 @@
 """Where the coordinator's secrets come from.
 
-This module owns the coordinator's three secrets -- ``admin_token`` (bootstrap API token),
-``turn_secret`` (coturn shared secret) and ``signing_key`` (base64 of 32 raw Ed25519 private key
-bytes) -- and the sources they are read from: the config file or environment
+This module owns the coordinator's four secrets -- ``admin_token`` (bootstrap API token),
+``turn_secret`` (coturn shared secret), ``signing_key`` (base64 of 32 raw Ed25519 private key
+bytes) and ``identity_key`` (base64 of 32 raw X25519 private key bytes: agents seal enrollment, login
+and key rotation to it, see coordinator.identity) -- and the sources they are read from: the config file or environment
 (:class:`StaticSecrets`, optionally persisting generated values under the state directory) or a
 Vault/OpenBao KV v2 engine (:class:`VaultSecrets`, one entry per secret with a single ``value``
-field). :func:`ensure_secrets` reads all three and generates whichever is missing.
+field). :func:`ensure_secrets` reads all four and generates whichever is missing.
 Secret values and tokens never appear in exceptions, logs or reprs.
 """
 
@@ -27,9 +28,11 @@ import hvac.exceptions
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from coordinator.identity import decode_identity_key, new_identity_key
+
 log = logging.getLogger(__name__)
 
-SECRET_KEYS = ("admin_token", "turn_secret", "signing_key")
+SECRET_KEYS = ("admin_token", "turn_secret", "signing_key", "identity_key")
 ENV_VARS = {key: f"STARLING_{key.upper()}" for key in SECRET_KEYS}
 _VAULT_OPTIONS: dict[str, tuple[tuple[type, ...], str]] = dict.fromkeys(
     ("url", "mount", "path", "token", "token_file", "role_id", "secret_id", "secret_id_file", "namespace"),
@@ -335,6 +338,7 @@ _GENERATORS: dict[str, Callable[[], str]] = {
     "admin_token": lambda: "sat_" + secrets.token_urlsafe(32),
     "turn_secret": lambda: secrets.token_urlsafe(32),
     "signing_key": new_signing_key,
+    "identity_key": new_identity_key,
 }
 
 
@@ -350,5 +354,9 @@ def ensure_secrets(source: SecretSource) -> dict[str, str]:
     try:
         decode_signing_key(out["signing_key"])
     except SecretError as e:
+        raise SecretError(f"{e} (from the {source.name} source)") from None
+    try:
+        decode_identity_key(out["identity_key"])
+    except ValueError as e:
         raise SecretError(f"{e} (from the {source.name} source)") from None
     return out

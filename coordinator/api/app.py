@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,9 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator import __version__
-from coordinator.api import routes_access, routes_admin, routes_peer
+from coordinator.api import contract, routes_access, routes_admin, routes_peer
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import DomainError
+from coordinator.errors import DomainError, RateLimited
 from coordinator.secrets import ensure_secrets, load_secret_source
 from coordinator.service.core import Coordinator
 from coordinator.store import Store
@@ -131,12 +131,13 @@ def build_coordinator(config: CoordinatorConfig) -> Coordinator:
 
 
 async def maintenance(coord: Coordinator) -> None:
-    """Replica sync and ephemeral-peer expiry, every `maintenance_interval` seconds."""
+    """Replica sync, ephemeral-peer expiry and consumed-challenge purge, every `maintenance_interval` seconds."""
     while True:
         await asyncio.sleep(coord.config.maintenance_interval)
         try:
             await asyncio.to_thread(coord.sync_from_store)
             await asyncio.to_thread(coord.peers.expire_ephemeral)
+            await asyncio.to_thread(coord.peers.purge_challenges)
             coord.metrics.peers_total.set(len(coord.graph.peers))
             coord.metrics.revision.set(coord.graph.revision)
         except Exception:  # keep the loop alive; the next round retries
@@ -168,10 +169,12 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
         version=__version__,
         summary="Control plane of a Starling mesh: peers, groups, policies, setup keys, network maps.",
         lifespan=lifespan,
+        dependencies=[Depends(contract.no_nul_in_json)],
     )
     app.include_router(routes_admin.router)
     app.include_router(routes_access.router)
     app.include_router(routes_peer.router)
+    contract.install(app)  # the error responses of every operation (coordinator/api/contract.py)
 
     @app.get("/healthz", tags=["ops"])
     def healthz(request: Request) -> dict[str, Any]:
@@ -188,7 +191,10 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
 
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
-        return error(exc.status, exc.code, exc.message, exc.field)
+        response = error(exc.status, exc.code, exc.message, exc.field)
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -200,9 +206,14 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
         return error(422, "validation_error", f"{where}: {msg}" if where else msg, where or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, code, str(exc.detail))
+        response = error(exc.status_code, code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        allowed = contract.allowed_methods(app, request.url.path) if exc.status_code == 405 else []
+        if allowed:  # every method of the resource, not only the first route's (RFC 9110)
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -211,7 +222,14 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
 
     from coordinator.dashboard import install as install_dashboard
 
-    install_dashboard(app, poll_interval=config.dashboard_poll_interval)
+    dash = config.dashboard
+    install_dashboard(
+        app,
+        poll_interval=dash.poll_interval,
+        session_ttl=dash.session_ttl,
+        cookie_secure=dash.secure,
+        heartbeat=dash.heartbeat,
+    )
     app.add_middleware(Observe)
     app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
     return app

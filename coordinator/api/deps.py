@@ -1,4 +1,8 @@
-"""Request dependencies: the Coordinator, API callers (admin/API tokens) and peers (peer credentials)."""
+"""Request dependencies: the Coordinator, API callers (admin/API tokens) and peers (peer credentials).
+
+Both authenticating dependencies ask the coordinator's AuthThrottle first (429 while the source address
+failed too often) and report a wrong credential to it (coordinator.throttle).
+"""
 
 from __future__ import annotations
 
@@ -30,8 +34,22 @@ def _token(creds: HTTPAuthorizationCredentials | None) -> str:
     return creds.credentials
 
 
-def api_caller(coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-    return coord.credentials.authenticate(_token(creds))
+def client_address(request: Request) -> str:
+    """The TCP peer address of the request (uvicorn runs without proxy headers): the throttle's source."""
+    return request.client.host if request.client is not None else ""
+
+
+def api_caller(
+    request: Request, coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Caller:
+    token = _token(creds)  # no credential at all: a plain 401, neither throttled nor counted
+    source = client_address(request)
+    coord.throttle.check(source, "api_token")
+    try:
+        return coord.credentials.authenticate(token)
+    except Unauthorized:
+        coord.throttle.failure(source, "api_token")
+        raise
 
 
 def api_writer(caller: Annotated[Caller, Depends(api_caller)]) -> Caller:
@@ -40,9 +58,16 @@ def api_writer(caller: Annotated[Caller, Depends(api_caller)]) -> Caller:
 
 
 def peer_caller(
-    coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request, coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> tuple[str, str]:
-    return coord.peers.authenticate(_token(creds))
+    token = _token(creds)
+    source = client_address(request)
+    coord.throttle.check(source, "peer_credential")
+    try:
+        return coord.peers.authenticate(token)
+    except Unauthorized:
+        coord.throttle.failure(source, "peer_credential")
+        raise
 
 
 Reader = Annotated[Caller, Depends(api_caller)]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 
 from coordinator.api.deps import Coord, Reader, Writer
-from coordinator.api.routes_admin import Cursor, Limit
+from coordinator.api.params import ActionFilter, AuditCursor, Cursor, Filter, Limit, Since, Until
 from coordinator.schemas import (
     AuditOut,
     Page,
@@ -25,7 +22,6 @@ from coordinator.schemas import (
 )
 
 router = APIRouter(prefix="/api/v1")
-Filter = Annotated[str | None, Query(max_length=255)]
 
 
 @router.get("/setup-keys", tags=["setup-keys"])
@@ -108,13 +104,13 @@ def reload_secrets(coord: Coord, caller: Writer) -> dict[str, list[str]]:
 def list_audit(
     coord: Coord,
     _: Reader,
-    action: Annotated[str | None, Query(max_length=64, description="Exact action or glob, e.g. `peer.*`")] = None,
+    action: ActionFilter = None,
     actor: Filter = None,
     target_type: Filter = None,
     target_id: Filter = None,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
-    cursor: Cursor = None,
+    since: Since = None,
+    until: Until = None,
+    cursor: AuditCursor = None,
     limit: Limit = 100,
 ) -> Page[AuditOut]:
     return coord.settings.audit(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from coordinator.api.deps import Coord, Reader, Writer
+from coordinator.api.params import Cursor, Limit, NameFilter
 from coordinator.errors import NotFound
 from coordinator.schemas import (
     GroupIn,
@@ -23,9 +24,6 @@ from coordinator.schemas import (
 )
 
 router = APIRouter(prefix="/api/v1")
-Limit = Annotated[int, Query(ge=1, le=1000)]
-Cursor = Annotated[str | None, Query(max_length=255)]
-NameFilter = Annotated[str | None, Query(max_length=255)]
 
 
 # ----- peers ------------------------------------------------------------------------------------

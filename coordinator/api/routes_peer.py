@@ -1,5 +1,7 @@
-"""Peer-facing API: enrollment, the peer's own network map (once or as an SSE stream), state reports,
-and signal tokens. A peer authenticates with its credential and can only see and report its own data.
+"""Peer-facing API: challenges and sealed enrollment/login, the peer's own network map (once or as an SSE
+stream), state reports, sealed key rotation and signal tokens. A peer authenticates with its credential and
+can only see and report its own data; logging in as a key or rotating it needs proof of possession of the
+private key (starling_proto.seal, docs/security.md).
 """
 
 from __future__ import annotations
@@ -7,18 +9,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.api.deps import Coord, PeerAuth
-from coordinator.errors import NotFound
+from coordinator.api.deps import Coord, PeerAuth, client_address
+from coordinator.errors import Forbidden, NotFound, Unauthorized
 from coordinator.schemas import (
-    EnrollRequest,
-    EnrollResponse,
-    KeyChange,
+    Challenge,
     PeerEvent,
     PeerOut,
+    SealedReply,
+    SealedRequest,
     SignalToken,
     SigningKey,
     StateReport,
@@ -33,13 +35,39 @@ def signing_key(coord: Coord) -> SigningKey:
     return SigningKey(public_key=coord.signer.public_key_b64)
 
 
+@router.post("/challenge", tags=["peer"])
+def challenge(coord: Coord, response: Response) -> Challenge:
+    """A single-use challenge (valid `limits.challenge_ttl` seconds) and the coordinator's X25519 identity
+    key: seal the next enrollment, login or key rotation over it. Stateless until used."""
+    token, expires = coord.identity.issue()
+    response.headers["Cache-Control"] = "no-store"
+    return Challenge(challenge=token, expires_at=expires, coordinator_public_key=coord.identity.public_key_b64)
+
+
 @router.post(
-    "/enroll", tags=["peer"], responses={403: {"description": "setup key unknown, expired, revoked or used up"}}
+    "/enroll",
+    tags=["peer"],
+    responses={
+        401: {
+            "description": "no proof of possession: stale, forged or replayed challenge, or a box sealed by another key"
+        },
+        403: {"description": "unknown key without a valid setup key (unknown, expired, revoked or used up)"},
+    },
 )
-def enroll(coord: Coord, body: EnrollRequest) -> EnrollResponse:
-    """Enroll a WireGuard public key with a setup key (or re-login a known key). Returns the peer
-    credential; failed enrollments change nothing."""
-    return coord.peers.enroll(body)
+def enroll(coord: Coord, request: Request, body: SealedRequest) -> SealedReply:
+    """Enroll a WireGuard public key with a setup key, or log in a known key on its proof alone. The body is
+    sealed with the key's private half over a fresh challenge; the reply (credential inside) is sealed back.
+    Failed enrollments change nothing; refused proofs about an existing peer are audited."""
+    source = client_address(request) or "unknown"
+    coord.throttle.check(source, "peer_proof")
+    try:
+        return coord.peers.enroll(body, source)
+    except Unauthorized:
+        coord.throttle.failure(source, "peer_proof")
+        raise
+    except Forbidden:
+        coord.throttle.failure(source, "setup_key")
+        raise
 
 
 @router.get("/peer/map", tags=["peer"], response_model=dict[str, Any])
@@ -83,13 +111,21 @@ def report_event(coord: Coord, peer: PeerAuth, body: PeerEvent) -> Response:
 @router.post(
     "/peer/key",
     tags=["peer"],
-    responses={409: {"description": "previous_public_key is not the current key, or the key is taken"}},
+    responses={
+        401: {"description": "bad credential, or no proof of possession of both the current and the new key"},
+        409: {"description": "public_key is not the current key, or new_public_key belongs to another peer"},
+    },
 )
-def change_key(coord: Coord, peer: PeerAuth, body: KeyChange) -> PeerOut:
-    """Key rotation: the agent presents its new WireGuard public key (`prepare`, then `commit` once it
-    uses the key). The commit is pushed to every peer that may reach this one; both steps are audited
-    (`peer.key.prepare`, `peer.key.rotate`). See docs/vault.md."""
-    return coord.peers.change_key(peer[0], body)
+def change_key(coord: Coord, request: Request, peer: PeerAuth, body: SealedRequest) -> PeerOut:
+    """Key rotation: the agent presents its new WireGuard public key, sealed with both its current and its
+    new private key (`prepare`, then `commit` once it uses the key). The commit is pushed to every peer that
+    may reach this one; both steps are audited (`peer.key.prepare`, `peer.key.rotate`). See docs/vault.md."""
+    source = client_address(request) or "unknown"
+    try:
+        return coord.peers.change_key(peer[0], body, source)
+    except Unauthorized:
+        coord.throttle.failure(source, "peer_proof")
+        raise
 
 
 @router.post("/peer/signal-token", tags=["peer"])

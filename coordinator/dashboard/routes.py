@@ -33,7 +33,7 @@ from coordinator.dashboard.session import (
     derive_key,
     new_login_nonce,
 )
-from coordinator.errors import DomainError, NotFound, Unauthorized
+from coordinator.errors import DomainError, NotFound, RateLimited, Unauthorized
 from coordinator.schemas import SetupKeyCreated, SetupKeyIn, SetupKeyUpdate
 from coordinator.security import hash_secret
 from coordinator.service.core import Coordinator, utcnow
@@ -378,11 +378,23 @@ def build_router(dash: Dashboard) -> APIRouter:
         target = safe_next(first(fields, "next"))
         if not token:
             return login_page(request, started, "Enter an API token.", 400)
+        source = request.client.host if request.client else ""
+        try:
+            coord.throttle.check(source, "dashboard")  # before the token is looked at (coordinator.throttle)
+        except RateLimited as exc:
+            log.warning("dashboard login refused: too many failures %s", dash.log_extra(request))
+            wait = exc.retry_after or 1
+            response = login_page(
+                request, started, f"Too many failed logins from your address: try again in {wait} s.", 429
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
         try:
             if len(token) > MAX_TOKEN:
                 raise Unauthorized("token too long")
             actor, scope, token_id, not_after = await call(login, coord, token)
         except Unauthorized:
+            coord.throttle.failure(source, "dashboard")
             log.warning("dashboard login failed: invalid token %s", dash.log_extra(request))
             return login_page(request, started, "That token is not valid (unknown, revoked or expired).", 401)
         value, sess = dash.codec(coord).issue(

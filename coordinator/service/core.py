@@ -23,12 +23,14 @@ from coordinator.config import CoordinatorConfig
 from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
 from coordinator.engine.views import MapRenderer
 from coordinator.errors import Conflict, Unavailable
+from coordinator.identity import Identity
 from coordinator.metrics import Metrics
 from coordinator.security import hash_secret
 from coordinator.signing import TokenSigner
 from coordinator.store import Store
 from coordinator.store.database import is_unique_violation
 from coordinator.store.models import AuditEvent, Group, MeshSettings, Peer, Policy
+from coordinator.throttle import AuthThrottle
 from coordinator.turn import relay_credentials
 
 if TYPE_CHECKING:
@@ -147,6 +149,8 @@ class Coordinator:
         self.lock = threading.RLock()
         self.metrics = Metrics()
         self.signer = TokenSigner(secrets["signing_key"])
+        self.identity = Identity(secrets["identity_key"], config.limits.challenge_ttl)
+        self.identity_key = secrets["identity_key"]
         self.signing_key = secrets["signing_key"]
         self.secret_source: SecretSource | None = None  # set by build_coordinator: where reload_secrets reads
         self.turn_secret = secrets["turn_secret"]
@@ -158,6 +162,7 @@ class Coordinator:
         self.policies = PolicyService(self)
         self.credentials = CredentialService(self)
         self.settings = SettingsService(self)
+        self.throttle = AuthThrottle.for_coordinator(self)  # failed authentications per source address
 
     # ----- start-up and replica sync --------------------------------------------------------
     def ensure_settings(self) -> None:
@@ -260,7 +265,8 @@ class Coordinator:
     def reload_secrets(self, actor: str) -> dict[str, list[str]]:
         """Read the secrets again from their source (Vault) after a rotation. The TURN secret and the
         admin token take effect at once (every stream gets credentials minted with the new TURN
-        secret); a new signing key needs a restart of coordinator and signal, so it is only reported."""
+        secret), so does a new identity key (challenges of the old one are refused: agents fetch new
+        ones); a new signing key needs a restart of coordinator and signal, so it is only reported."""
         from coordinator.secrets import SecretError, ensure_secrets
 
         if self.secret_source is None:
@@ -276,6 +282,8 @@ class Coordinator:
             changed.append("admin_token")
         if values["signing_key"] != self.signing_key:
             restart.append("signing_key")
+        if values["identity_key"] != self.identity_key:
+            changed.append("identity_key")
 
         def run(tx: Tx) -> None:
             detail = {"changed": changed, "restart_required": restart}
@@ -284,6 +292,9 @@ class Coordinator:
         self.write(actor, run)
         self.turn_secret = values["turn_secret"]
         self.admin_token_hash = hash_secret(values["admin_token"])
+        if "identity_key" in changed:  # challenges issued under the old key stop working: agents fetch new ones
+            self.identity = Identity(values["identity_key"], self.config.limits.challenge_ttl)
+            self.identity_key = values["identity_key"]
         if "turn_secret" in changed:
             self.hub.notify(set(self.hub.connected))
         return {"changed": changed, "restart_required": restart}

@@ -6,27 +6,32 @@ import datetime as dt
 import time
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from coordinator.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthorized
-from coordinator.ipam import IpAllocator, parse_mesh_prefix
+from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited, Unauthorized
+from coordinator.identity import ChallengeError
+from coordinator.ipam import IpAllocator, PrefixError, parse_mesh_prefix
 from coordinator.schemas import (
     ConnectionState,
-    EnrollRequest,
+    EnrollPayload,
     EnrollResponse,
-    KeyChange,
+    KeyChangePayload,
     Page,
     PeerEvent,
     PeerOut,
     PeerUpdate,
+    SealedReply,
+    SealedRequest,
     StateReport,
     sanitize_peer_name,
 )
 from coordinator.security import PEER_CREDENTIAL_PREFIX, hash_secret, new_id, new_secret
 from coordinator.service.core import Coordinator, Tx, peer_node, utcnow
 from coordinator.service.lookup import group_ids, page
-from coordinator.store.models import Group, MeshSettings, Peer, PeerGroup, Policy, SetupKey
+from coordinator.store.models import ConsumedChallenge, Group, MeshSettings, Peer, PeerGroup, Policy, SetupKey
+from starling_proto.seal import OpenedRequest, Purpose, SealError, open_request
 
 
 def peer_out(peer: Peer, domain: str) -> PeerOut:
@@ -156,44 +161,104 @@ class PeerService:
         tx.graph(lambda _rev: self.c.graph.remove_peer(peer_id))
         tx.audit(action, "peer", peer.id, peer.name, before, None)
 
+    # ----- proof of possession ----------------------------------------------------------------
+    def _open(self, purpose: Purpose, wire: SealedRequest, source: str) -> tuple[OpenedRequest, str, dt.datetime]:
+        """Check the challenge (ours, not expired) and open the sealed request. Unauthorized (with the
+        refusal audited when the named key belongs to a peer) if the sender did not prove possession."""
+        try:
+            nonce, expires = self.c.identity.check(wire.challenge)
+            opened = open_request(purpose, self.c.identity.private, wire.model_dump(exclude_none=True))
+        except ChallengeError as exc:
+            self._refused(purpose, wire.public_key, source, exc.reason)
+            raise Unauthorized(f"challenge refused: {exc.detail}") from exc
+        except SealError as exc:
+            if exc.reason == "malformed":
+                raise Invalid(f"sealed request: {exc.detail}", field="box") from exc
+            if exc.reason == "key":
+                raise Invalid(exc.detail, field="public_key") from exc
+            self._refused(purpose, wire.public_key, source, exc.reason)
+            raise Unauthorized(f"proof of possession failed: {exc.detail}") from exc
+        return opened, nonce, dt.datetime.fromtimestamp(expires, dt.UTC)
+
+    def _refused(self, purpose: str, public_key: str, source: str, reason: str) -> None:
+        """Audit a refused proof about an existing peer (a takeover attempt or a broken agent)."""
+        node = next((n for n in self.c.graph.peers.values() if n.public_key == public_key), None)
+        if node is None:
+            return
+        action = "peer.login.refused" if purpose == "enroll" else "peer.key.refused"
+
+        def run(tx: Tx) -> None:
+            tx.actor = f"source:{source}"
+            tx.audit(action, "peer", node.id, node.name, None, {"source": source, "reason": reason})
+
+        self.c.write("enroll", run)
+
+    @staticmethod
+    def _consume(tx: Tx, nonce: str, expires: dt.datetime) -> None:
+        if tx.session.get(ConsumedChallenge, nonce) is not None:
+            raise Unauthorized("challenge refused: it was already used (replayed request)")
+        tx.session.add(ConsumedChallenge(nonce=nonce, expires_at=expires))
+
+    def purge_challenges(self) -> int:
+        """Forget consumed challenges that have expired (they are refused as stale anyway)."""
+        with self.c.store.transaction() as s:
+            result = s.execute(delete(ConsumedChallenge).where(ConsumedChallenge.expires_at < utcnow()))
+        return int(getattr(result, "rowcount", 0) or 0)
+
     # ----- enrollment -------------------------------------------------------------------------
-    def enroll(self, body: EnrollRequest) -> EnrollResponse:
-        key_hash = hash_secret(body.setup_key)
+    def enroll(self, wire: SealedRequest, source: str) -> SealedReply:
+        """Enroll a new WireGuard key with a setup key, or log in a known key on its proof alone."""
+        opened, nonce, expires = self._open("enroll", wire, source)
+        try:
+            body = EnrollPayload.model_validate(opened.payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            raise Invalid(f"{where}: {first.get('msg')}", field=where or None) from exc
+        public_key = opened.public_keys[0]
 
         def run(tx: Tx) -> EnrollResponse:
             s = tx.session
             now = utcnow()
-            key = s.scalar(select(SetupKey).where(SetupKey.key_hash == key_hash))
-            if key is None:
-                raise Forbidden("setup key is not valid")
-            tx.actor = f"setup-key:{key.name}"
-            state = setup_key_state(key, now)
+            self._consume(tx, nonce, expires)
             credential = new_secret(PEER_CREDENTIAL_PREFIX)
-            peer = s.scalar(select(Peer).where(Peer.public_key == body.public_key))
+            peer = s.scalar(select(Peer).where(Peer.public_key == public_key))
             if peer is not None:
-                # Re-login of a known key: idempotent; a one-off key may re-login the peer it enrolled.
-                if state in ("revoked", "expired") or (state == "exhausted" and peer.setup_key_id != key.id):
-                    raise Forbidden(f"setup key is {state}")
+                # Login of a known key: its proof is the authority; a setup key adds nothing.
+                tx.actor = f"peer:{peer.name}"
                 peer.hostname, peer.os, peer.agent_version = body.hostname, body.os, body.agent_version
                 peer.credential_hash = credential.hash
                 peer.last_seen = now
-                tx.audit("peer.login", "peer", peer.id, peer.name, None, {"hostname": body.hostname})
+                tx.audit("peer.login", "peer", peer.id, peer.name, None, {"hostname": body.hostname, "source": source})
+                login = True
             else:
+                if body.setup_key is None:
+                    raise Forbidden("this key is not enrolled: a setup key is required")
+                key = s.scalar(select(SetupKey).where(SetupKey.key_hash == hash_secret(body.setup_key)))
+                if key is None:
+                    raise Forbidden("setup key is not valid")
+                tx.actor = f"setup-key:{key.name}"
+                state = setup_key_state(key, now)
                 if state != "valid":
                     raise Forbidden(f"setup key is {state}")
-                peer = self._new_peer(tx, body, key, credential.hash, now)
+                peer = self._new_peer(tx, body, key, credential.hash, now, public_key, source)
                 key.used_count += 1
                 key.last_used = now
+                login = False
             s.flush()
             return EnrollResponse(
                 peer=peer_out(peer, self.domain),
                 credential=credential.clear,
                 signing_public_key=self.c.signer.public_key_b64,
+                login=login,
             )
 
-        return self.c.write("enroll", run)
+        result = self.c.write("enroll", run)
+        return SealedReply.model_validate(opened.reply.seal(result.model_dump(mode="json")))
 
-    def _new_peer(self, tx: Tx, body: EnrollRequest, key: SetupKey, cred_hash: str, now: dt.datetime) -> Peer:
+    def _new_peer(
+        self, tx: Tx, body: EnrollPayload, key: SetupKey, cred_hash: str, now: dt.datetime, public_key: str, source: str
+    ) -> Peer:
         s = tx.session
         settings = s.get(MeshSettings, 1)
         assert settings is not None
@@ -201,12 +266,15 @@ class PeerService:
         # The graph holds every assigned address (writes are serialized); a replica racing us for the
         # same address hits the unique constraint and the enrollment fails cleanly with 409.
         used = {n.mesh_ip for n in self.c.graph.peers.values()}
-        mesh_ip = IpAllocator(parse_mesh_prefix(settings.mesh_prefix)).allocate(used)
+        try:
+            mesh_ip = IpAllocator(parse_mesh_prefix(settings.mesh_prefix)).allocate(used)
+        except PrefixError as exc:
+            raise Conflict(f"{exc}: widen it (PATCH /api/v1/settings mesh_prefix) or remove peers") from exc
         existing_groups = set(s.scalars(select(Group.id).where(Group.id.in_(key.auto_groups))))
         peer = Peer(
             id=new_id(),
             name=name,
-            public_key=body.public_key,
+            public_key=public_key,
             mesh_ip=mesh_ip,
             hostname=body.hostname,
             os=body.os,
@@ -227,7 +295,9 @@ class PeerService:
         s.refresh(peer, ["groups"])
         node = peer_node(peer)
         tx.graph(lambda rev: self.c.graph.upsert_peer(node, rev))
-        tx.audit("peer.enroll", "peer", peer.id, peer.name, None, {**summary(peer), "setup_key": key.name})
+        tx.audit(
+            "peer.enroll", "peer", peer.id, peer.name, None, {**summary(peer), "setup_key": key.name, "source": source}
+        )
         return peer
 
     @staticmethod
@@ -253,15 +323,23 @@ class PeerService:
         return row[0], row[1]
 
     def report_state(self, peer_id: str, report: StateReport) -> None:
-        """Store the agent's connection report; at most one per `limits.state_report_interval`."""
+        """Store the agent's connection report: only about peers in its own current map (422 naming the
+        others, nothing stored), at most one per `limits.state_report_interval`."""
+        with self.c.lock:
+            in_map = self.c.graph.peers_in(self.c.graph.reach_of(peer_id))
+        outside = sorted({c.peer_id for c in report.connections} - in_map)
+        if outside:
+            shown = ", ".join(repr(p) for p in outside[:5]) + (
+                f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+            )
+            raise Invalid(f"the report names peers that are not in this peer's map: {shown}", field="connections")
         interval = self.c.config.limits.state_report_interval
         mono = time.monotonic()
         if mono - self._last_report.get(peer_id, -1e9) < interval:
             raise RateLimited(f"state reports are limited to one per {interval:g}s")
         self._last_report[peer_id] = mono
         now = utcnow()
-        known = self.c.graph.peers
-        data = [c.model_dump(mode="json") for c in report.connections if c.peer_id in known]
+        data = [c.model_dump(mode="json") for c in report.connections]
         with self.c.store.transaction() as s:
             s.execute(
                 update(Peer)
@@ -284,31 +362,43 @@ class PeerService:
 
         self.c.write("peer", run)
 
-    def change_key(self, peer_id: str, body: KeyChange) -> PeerOut:
-        """Key rotation, presented by the peer itself. `prepare` validates and audits the intent;
-        `commit` switches the peer's public key (pushed to its neighbours by the map stream).
-        Idempotent: committing the key the coordinator already holds changes nothing."""
+    def change_key(self, peer_id: str, wire: SealedRequest, source: str) -> PeerOut:
+        """Key rotation, presented by the peer itself (credential) and sealed with both its current and its
+        new private key. `prepare` validates and audits the intent; `commit` switches the peer's public key
+        (pushed to its neighbours by the map stream). Committing a key the coordinator already holds
+        changes nothing."""
+        if wire.new_public_key is None:
+            raise Invalid("a key rotation names new_public_key (and is sealed with both keys)", field="new_public_key")
+        opened, nonce, expires = self._open("rotate", wire, source)
+        try:
+            body = KeyChangePayload.model_validate(opened.payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            raise Invalid(f"{where}: {first.get('msg')}", field=where or None) from exc
+        old_key, new_key = opened.public_keys
 
         def run(tx: Tx) -> PeerOut:
             s = tx.session
             peer = self._get(s, peer_id)
             tx.actor = f"peer:{peer.name}"
-            if body.public_key == peer.public_key:
+            if new_key == peer.public_key:
                 return peer_out(peer, self.domain)
-            if body.previous_public_key != peer.public_key:
+            if old_key != peer.public_key:
                 raise Conflict(
                     f"the coordinator holds key {peer.public_key[:8]}... for this peer, not "
-                    f"{body.previous_public_key[:8]}... (changed concurrently?)",
-                    field="previous_public_key",
+                    f"{old_key[:8]}... (changed concurrently?)",
+                    field="public_key",
                 )
-            if s.scalar(select(Peer.id).where(Peer.public_key == body.public_key, Peer.id != peer.id)):
-                raise Conflict("that public key belongs to another peer", field="public_key")
-            detail: dict[str, Any] = {"public_key": body.public_key, "version": body.version, "source": body.source}
+            if s.scalar(select(Peer.id).where(Peer.public_key == new_key, Peer.id != peer.id)):
+                raise Conflict("that public key belongs to another peer", field="new_public_key")
+            self._consume(tx, nonce, expires)
+            detail: dict[str, Any] = {"public_key": new_key, "version": body.version, "source": body.source}
             if body.phase == "prepare":
                 tx.audit("peer.key.prepare", "peer", peer.id, peer.name, {"public_key": peer.public_key}, detail)
                 return peer_out(peer, self.domain)
             before = {"public_key": peer.public_key}
-            peer.public_key = body.public_key
+            peer.public_key = new_key
             s.flush()
             node = peer_node(peer)
             tx.graph(lambda rev: self.c.graph.upsert_peer(node, rev))

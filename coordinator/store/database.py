@@ -10,9 +10,10 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.util import CommandError
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,15 @@ class Store:
         return cfg
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (idempotent)."""
-        with self.engine.begin() as conn:
-            cfg = self.alembic_config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        """Bring the schema to the newest revision (idempotent); StoreError when the database refuses it."""
+        try:
+            with self.engine.begin() as conn:
+                cfg = self.alembic_config()
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except (OperationalError, CommandError) as exc:  # unreachable, locked, full, or newer than this version
+            why = " ".join(str(getattr(exc, "orig", None) or exc).split())  # the driver's words, one line
+            raise StoreError(f"cannot migrate {self.safe_dsn}: {why}") from exc
         log.info("store migrated", extra={"dsn": self.safe_dsn})
 
     def has_schema(self) -> bool:

@@ -155,10 +155,19 @@ class AuditEvent(Base):
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class ConsumedChallenge(Base):
+    """A challenge that a sealed request used: refused if presented again, purged once expired."""
+
+    __tablename__ = "consumed_challenges"
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
 __all__ = [
     "ApiToken",
     "AuditEvent",
     "Base",
+    "ConsumedChallenge",
     "Group",
     "MeshSettings",
     "Peer",

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import wg_public_key
 from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.enroll import sealed_enroll
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -160,16 +160,8 @@ def enroll_peer(
 ) -> dict[str, Any]:
     """Enroll a peer with a fresh one-off setup key (helper: sets up state without the modules)."""
     key = api.post("/api/v1/setup-keys", json={"name": uniq("enroll"), **extra}).json()["key"]
-    r = httpx.post(
-        coordinator.url + "/api/v1/enroll",
-        json={
-            "setup_key": key,
-            "public_key": wg_public_key(),
-            "hostname": hostname,
-            "os": os_name,
-            "agent_version": version,
-        },
-        timeout=10,
+    r = sealed_enroll(
+        coordinator.url, {"setup_key": key, "hostname": hostname, "os": os_name, "agent_version": version}, timeout=10
     )
     assert r.status_code == 200, r.text
     return {**r.json()["peer"], "credential": r.json()["credential"]}

@@ -39,6 +39,9 @@ def mesh(coordinator: CoordinatorProcess) -> Iterator[dict[str, Any]]:
         groups = {"web-1": ["web"], "web-2": ["web", "ops-team"], "db-1": ["db", "ops-team"], "evil": []}
         for name, peer in peers.items():
             assert api.patch(f"/api/v1/peers/{peer['id']}", json={"groups": groups[name]}).status_code == 200
+        # web-1 reports on web-2 and db-1: they must be in its map (reports about other peers are refused).
+        policy = {"name": "inventory-web", "sources": {"groups": ["web"]}, "destinations": {"groups": ["web", "db"]}}
+        assert api.post("/api/v1/policies", json=policy).status_code == 201
     stream = SseReader(coordinator.url + "/api/v1/peer/stream", peers["web-1"]["credential"])
     stream.next(timeout=10)  # first map: web-1 is connected now
     report = {

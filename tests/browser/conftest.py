@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from tests.browser.server import DashboardCoordinator, running_dashboard
-from tests.conftest import IN_CI, wg_public_key
+from tests.conftest import IN_CI
+from tests.fixtures.enroll import sealed_enroll
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page
@@ -122,15 +123,9 @@ class MiniMesh:
     def enroll(self, role: str, os_name: str = "linux") -> dict[str, Any]:
         key = self.api.post("/api/v1/setup-keys", json={"name": uniq("k"), "auto_groups": [self.groups[role]]})
         key.raise_for_status()
-        r = httpx.post(
-            self.coord.url + "/api/v1/enroll",
-            json={
-                "setup_key": key.json()["key"],
-                "public_key": wg_public_key(),
-                "hostname": uniq(role),
-                "os": os_name,
-                "agent_version": "0.1.0",
-            },
+        r = sealed_enroll(
+            self.coord.url,
+            {"setup_key": key.json()["key"], "hostname": uniq(role), "os": os_name, "agent_version": "0.1.0"},
         )
         r.raise_for_status()
         return dict(r.json())

@@ -20,7 +20,7 @@ from playwright.sync_api import sync_playwright
 
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, PeerStream, login
 from tests.browser.server import running_dashboard
-from tests.conftest import wg_public_key
+from tests.fixtures.enroll import sealed_enroll
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = [
@@ -65,15 +65,9 @@ def main(argv: list[str]) -> int:
         peers: dict[str, dict[str, object]] = {}
         for host, group, os_name, _ in HOSTS:
             key = api.post("/api/v1/setup-keys", json={"name": f"key-{host}", "auto_groups": [group]}).json()["key"]
-            r = httpx.post(
-                coord.url + "/api/v1/enroll",
-                json={
-                    "setup_key": key,
-                    "public_key": wg_public_key(),
-                    "hostname": f"{host}.corp.example",
-                    "os": os_name,
-                    "agent_version": "0.1.0",
-                },
+            r = sealed_enroll(
+                coord.url,
+                {"setup_key": key, "hostname": f"{host}.corp.example", "os": os_name, "agent_version": "0.1.0"},
             )
             r.raise_for_status()
             peers[host] = r.json()

@@ -19,7 +19,8 @@ def running_dashboard(
     workdir: Path, config: dict[str, Any] | None = None, poll_interval: float = 1.0
 ) -> Iterator[DashboardCoordinator]:
     """Start `starling-coordinator serve` with the dashboard's live feed polling every `poll_interval` s."""
-    proc = DashboardCoordinator(workdir=workdir, config={"dashboard_poll_interval": poll_interval, **(config or {})})
+    config = {"dashboard": {"poll_interval": poll_interval}, **(config or {})}
+    proc = DashboardCoordinator(workdir=workdir, config=config)
     try:
         proc.start()
         yield proc

@@ -17,7 +17,8 @@ import pytest
 
 from tests.browser.conftest import MiniMesh, login, shot, uniq
 from tests.browser.server import DashboardCoordinator
-from tests.conftest import IN_CI, wg_public_key
+from tests.conftest import IN_CI
+from tests.fixtures.enroll import sealed_enroll
 
 try:
     from playwright.sync_api import BrowserContext, Page, expect
@@ -248,10 +249,7 @@ def test_create_and_revoke_a_setup_key(page: Page, mesh: MiniMesh) -> None:
     expect(row).to_contain_text(mesh.groups["dev"])
     shot(page, "setup-key-created")
     # the key shown once really enrolls a peer, into its auto group
-    enrolled = httpx.post(
-        mesh.coord.url + "/api/v1/enroll",
-        json={"setup_key": clear, "public_key": wg_public_key(), "hostname": uniq("ui")},
-    )
+    enrolled = sealed_enroll(mesh.coord.url, {"setup_key": clear, "hostname": uniq("ui")})
     assert enrolled.status_code == 200, enrolled.text
     assert enrolled.json()["peer"]["groups"] == [mesh.groups["dev"]]
     # reloading does not show the key again

@@ -136,6 +136,32 @@ def test_traffic_survives_coordinator_and_signal_outage_and_updates_resume(mesh:
     mesh.wait_ping("a", "b", 15, what="a -> b restored")
 
 
+def test_refused_credential_makes_the_agent_log_in_again_with_its_key(mesh: Mesh) -> None:
+    """A credential the coordinator no longer accepts (here: reset in its database while it was down) makes
+    the agent log in again with a sealed request proving its WireGuard key: no setup key, same peer."""
+    import json
+    import sqlite3
+
+    agent = mesh.agents["a"]
+    state_file = agent.workdir / "state" / "state.json"
+    before = json.loads(state_file.read_text())["credential"]
+    mesh.coordinator.stop()
+    db = sqlite3.connect(str(mesh.coordinator.workdir / "state" / "coordinator.db"))
+    with db:
+        assert db.execute("UPDATE peers SET credential_hash = 'reset' WHERE id = ?", (agent.peer_id,)).rowcount == 1
+    db.close()
+    mesh.coordinator.start()
+    wait_for(lambda: json.loads(state_file.read_text())["credential"] != before, 15, what="a logs in again")
+    wait_for(lambda: agent.status()["management"]["connected"], 10, what="a back on the map stream")
+    with mesh.api() as api:
+        events = api.get("/api/v1/audit", params={"target_id": agent.peer_id, "action": "peer.login"}).json()["items"]
+        peer = api.get(f"/api/v1/peers/{agent.peer_id}").json()
+    assert events and events[0]["actor"] == "peer:" + peer["name"] and events[0]["after"]["source"]
+    assert peer["mesh_ip"] == agent.mesh_ip
+    mesh.wait_ping("a", "b", 15, what="a -> b after the new login")
+    assert "logged in again with our key" in agent.log_tail(200)
+
+
 def test_bad_input_leaves_nothing_behind(mesh: Mesh, tmp_path: Path) -> None:
     host = mesh.lab.add_host("x")
     cfg = tmp_path / "agent.yaml"

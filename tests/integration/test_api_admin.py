@@ -7,17 +7,16 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import wg_public_key
 from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.enroll import SealedResponse, sealed_enroll
 
 
 def uniq(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def enroll(coord: CoordinatorProcess, key: str, hostname: str, **extra: object) -> httpx.Response:
-    body = {"setup_key": key, "public_key": wg_public_key(), "hostname": hostname, **extra}
-    return httpx.post(coord.url + "/api/v1/enroll", json=body, timeout=10)
+def enroll(coord: CoordinatorProcess, key: str, hostname: str, **extra: object) -> SealedResponse:
+    return sealed_enroll(coord.url, {"setup_key": key, "hostname": hostname, **extra}, timeout=10)
 
 
 def new_key(api: httpx.Client, **fields: object) -> str:
@@ -158,19 +157,22 @@ def test_setup_keys_shown_once_and_enrollment_rules(coordinator: CoordinatorProc
         peers_before = len(api.get("/api/v1/peers", params={"limit": 1000}).json()["items"])
         audit_before = audit_count(api)
         assert_error(enroll(coordinator, "ssk_unknownkey000000", "h1"), 403, contains="not valid")
-        bad_key = {"setup_key": created["key"], "public_key": "not-a-key", "hostname": "h1"}
+        bad_key = {"v": 1, "challenge": "c", "public_key": "not-a-key", "nonce": "A" * 16, "box": "A" * 24}
         assert_error(httpx.post(coordinator.url + "/api/v1/enroll", json=bad_key), 422, field="public_key")
         assert len(api.get("/api/v1/peers", params={"limit": 1000}).json()["items"]) == peers_before
         assert audit_count(api) == audit_before
 
         host = uniq("host")
-        body = {"setup_key": created["key"], "public_key": wg_public_key(), "hostname": host + ".example.org"}
-        first = httpx.post(coordinator.url + "/api/v1/enroll", json=body).json()
+        body = {"setup_key": created["key"], "hostname": host + ".example.org"}
+        enrolled = sealed_enroll(coordinator.url, body)
+        first = enrolled.json()
         assert first["peer"]["name"] == host and first["peer"]["groups"] == [grp]
         assert first["peer"]["mesh_ip"].startswith("100.64.")
         assert api.get(f"/api/v1/setup-keys/{created['id']}").json()["state"] == "exhausted"
         assert_error(enroll(coordinator, created["key"], "other"), 403, contains="exhausted")
-        again = httpx.post(coordinator.url + "/api/v1/enroll", json=body).json()  # re-login is idempotent
+        # the same key logs in again on its proof (the exhausted one-off key plays no part)
+        again = sealed_enroll(coordinator.url, body, private_key=enrolled.private_key).json()
+        assert again["login"] is True and first["login"] is False
         assert (again["peer"]["id"], again["peer"]["mesh_ip"]) == (first["peer"]["id"], first["peer"]["mesh_ip"])
         old = httpx.get(
             coordinator.url + "/api/v1/peer/map", headers={"Authorization": f"Bearer {first['credential']}"}

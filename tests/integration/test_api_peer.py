@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from coordinator.signing import TokenError, TokenVerifier
-from tests.conftest import wg_public_key
+from starling_proto.keys import public_key_b64
 from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.enroll import new_private_key, sealed_enroll, sealed_rotate
 from tests.fixtures.sse import SseReader
 
 
@@ -46,12 +47,9 @@ class Mesh:
 
     def enroll(self, role: str) -> dict[str, Any]:
         key = self.api.post("/api/v1/setup-keys", json={"name": uniq("k"), "auto_groups": [self.groups[role]]}).json()
-        r = httpx.post(
-            self.coord.url + "/api/v1/enroll",
-            json={"setup_key": key["key"], "public_key": wg_public_key(), "hostname": uniq(role)},
-        )
+        r = sealed_enroll(self.coord.url, {"setup_key": key["key"], "hostname": uniq(role)})
         assert r.status_code == 200, r.text
-        return dict(r.json())
+        return {**r.json(), "private_key": r.private_key}
 
     def peer_client(self, role: str) -> httpx.Client:
         return httpx.Client(
@@ -230,28 +228,28 @@ def test_both_ends_of_every_path_get_matching_rules(mesh: Mesh) -> None:
 
 
 def test_key_rotation_is_checked_audited_and_pushed_to_both_ends(mesh: Mesh) -> None:
-    dev, db = mesh.peers["dev"]["peer"], mesh.peers["db"]["peer"]
-    old, new = dev["public_key"], wg_public_key()
+    dev = mesh.peers["dev"]["peer"]
+    old_private, new_private = mesh.peers["dev"]["private_key"], new_private_key()
+    old, new = dev["public_key"], public_key_b64(new_private)
+    credential = mesh.peers["dev"]["credential"]
     db_reader, dev_reader = mesh.stream("db"), mesh.stream("dev")
     try:
         assert db_reader.next().event == "map" and dev_reader.next().event == "map"
-        with mesh.peer_client("dev") as client:
 
-            def change(**body: Any) -> httpx.Response:
-                return client.post("/api/v1/peer/key", json={"public_key": new, "previous_public_key": old, **body})
+        def change(current: Any = old_private, new_key: Any = new_private, **body: Any) -> httpx.Response:
+            return sealed_rotate(mesh.coord.url, credential, current, new_key, **body)
 
-            assert change(public_key="not-a-key").status_code == 422
-            assert change(phase="switch").status_code == 422
-            stale = change(previous_public_key=wg_public_key())
-            assert stale.status_code == 409 and stale.json()["field"] == "previous_public_key"
-            taken = change(public_key=db["public_key"])
-            assert taken.status_code == 409 and "another peer" in taken.json()["message"]
-            assert change(phase="prepare", version=7, source="vault").status_code == 200
-            with pytest.raises(queue.Empty):  # prepare pushes nothing
-                db_reader.next(timeout=0.5)
-            r = change(phase="commit", version=7, source="vault")
-            assert r.status_code == 200 and r.json()["public_key"] == new
-            assert change(phase="commit").status_code == 200  # idempotent
+        assert change(phase="switch").status_code == 422
+        stale = change(current=new_private_key())  # a key the coordinator does not hold for this peer
+        assert stale.status_code == 409 and stale.json()["field"] == "public_key"
+        taken = change(new_key=mesh.peers["db"]["private_key"])
+        assert taken.status_code == 409 and "another peer" in taken.json()["message"]
+        assert change(phase="prepare", version=7, source="vault").status_code == 200
+        with pytest.raises(queue.Empty):  # prepare pushes nothing
+            db_reader.next(timeout=0.5)
+        r = change(phase="commit", version=7, source="vault")
+        assert r.status_code == 200 and r.json()["public_key"] == new
+        assert change(phase="commit").status_code == 200  # idempotent
         # The neighbour learns the new key, and the peer's own map says which key the coordinator holds.
         upsert = db_reader.next().json()["peers_upsert"]
         assert [(p["id"], p["public_key"]) for p in upsert] == [(dev["id"], new)]

@@ -39,7 +39,7 @@ def test_build_install_and_use(tmp_path: Path, coordinator: CoordinatorProcess) 
         "policies/policies.yml",
     ):
         assert expected in names, expected
-    assert not any(n.startswith(("coordinator/", "agent/", "bench/", ".venv/")) for n in names)
+    assert not any(n.startswith(("coordinator/", "agent/", "starling_proto/", "bench/", ".venv/")) for n in names)
 
     dest = tmp_path / "collections"
     env = {

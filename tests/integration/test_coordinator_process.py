@@ -12,8 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import wg_public_key
 from tests.fixtures.coordinator import CoordinatorProcess, running_coordinator
+from tests.fixtures.enroll import sealed_enroll
 from tests.fixtures.openbao import OpenBao, dev_server, free_port
 from tests.fixtures.pki import self_signed
 
@@ -67,7 +67,7 @@ def test_unreachable_vault_fails_start_with_a_clear_error(bao: OpenBao, tmp_path
         )
     )
     result = cli(cfg, "show-admin-token")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "vault at" in result.stderr and "wrong-token" not in result.stderr and "Traceback" not in result.stderr
 
 
@@ -78,7 +78,7 @@ def test_cli_bad_config_exits_2_with_the_field(tmp_path: Path) -> None:
     assert result.returncode == 2 and "listen.port" in result.stderr and "Traceback" not in result.stderr
     cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "s"), "database": {"url": "sqlite:///:memory:"}}))
     result = cli(cfg, "migrate")
-    assert result.returncode == 1 and "in-memory" in result.stderr
+    assert result.returncode == 2 and "in-memory" in result.stderr
 
 
 def test_restart_keeps_state_and_serials_move_forward(tmp_path: Path) -> None:
@@ -90,10 +90,7 @@ def test_restart_keeps_state_and_serials_move_forward(tmp_path: Path) -> None:
                 "/api/v1/policies", json={"name": "p", "sources": {"groups": ["g"]}, "destinations": {"groups": ["g"]}}
             )
         creds = [
-            httpx.post(
-                coord.url + "/api/v1/enroll",
-                json={"setup_key": key["key"], "public_key": wg_public_key(), "hostname": f"h{i}"},
-            ).json()["credential"]
+            sealed_enroll(coord.url, {"setup_key": key["key"], "hostname": f"h{i}"}).json()["credential"]
             for i in range(2)
         ]
         auth = {"Authorization": f"Bearer {creds[0]}"}
@@ -126,9 +123,7 @@ def test_ephemeral_peers_are_removed_after_the_offline_timeout(tmp_path: Path) -
 
 
 def enroll(coord: CoordinatorProcess, key: str, host: str) -> str:
-    r = httpx.post(
-        coord.url + "/api/v1/enroll", json={"setup_key": key, "public_key": wg_public_key(), "hostname": host}
-    )
+    r = sealed_enroll(coord.url, {"setup_key": key, "hostname": host})
     assert r.status_code == 200, r.text
     return str(r.json()["peer"]["id"])
 
@@ -177,17 +172,18 @@ def agent_trusts_the_ca_file(url: str, cfg: Path, certfile: Path, tmp_path: Path
 
     from agent.client import CoordinatorError, PeerApi, enroll
     from agent.config import AgentConfig, AgentConfigError
+    from agent.keys import generate_private_key
 
     admin = cli(cfg, "show-admin-token").stdout.strip()
     trust = AgentConfig(management_url=url, ca_file=str(certfile)).tls_context()
     assert trust is not None
     with httpx.Client(base_url=url, verify=trust, headers={"Authorization": f"Bearer {admin}"}) as api:
         key = api.post("/api/v1/setup-keys", json={"name": "tls", "reusable": True}).json()["key"]
-    body = {"setup_key": key, "public_key": wg_public_key(), "hostname": "tls-peer", "os": "test",
-            "agent_version": "test"}  # fmt: skip
+    body = {"setup_key": key, "hostname": "tls-peer", "os": "test", "agent_version": "test"}
+    private = generate_private_key()
     with pytest.raises(CoordinatorError, match=r"(?i)certificate"):
-        enroll(url, body)
-    result = enroll(url, body, verify=trust)
+        enroll(url, private, body)
+    result = enroll(url, private, body, verify=trust)
 
     async def token() -> str:
         peer_api = PeerApi(url, result["credential"], verify=trust)

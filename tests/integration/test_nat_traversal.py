@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fixtures.coturn import CoturnProcess
+from tests.fixtures.enroll import sealed_enroll
 from tests.fixtures.mesh import Mesh, control_plane, wait_for
 from tests.fixtures.natlab import NatLab, natlab
 
@@ -241,24 +242,18 @@ def test_malformed_nat_messages_from_a_peer_change_nothing(nat_mesh: Mesh) -> No
     """A real, enrolled peer (its own key, through signal, end-to-end encrypted) sends garbage ICE
     parameters and unusable candidates to s1: s1 refuses them, says so in `explain`, keeps its paths."""
     import asyncio
-    import base64
 
     import httpx
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
     from agent.signal_client import SignalClient
     from agent.signal_crypto import SignalCrypto
 
     key = X25519PrivateKey.generate()
     private = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    public = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
     setup_key = nat_mesh.setup_key(["all"], "key-mallory")
-    r = httpx.post(
-        nat_mesh.coordinator.url + "/api/v1/enroll",
-        json={"setup_key": setup_key, "public_key": public, "hostname": "mallory"},
-        timeout=15,
-    )
+    r = sealed_enroll(nat_mesh.coordinator.url, {"setup_key": setup_key, "hostname": "mallory"}, private_key=key)
     assert r.status_code == 200, r.text
     credential = r.json()["credential"]
     target = nat_mesh.agents["s1"].status()["public_key"]

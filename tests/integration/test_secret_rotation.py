@@ -19,9 +19,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import wg_public_key
 from tests.fixtures.coordinator import CoordinatorProcess
 from tests.fixtures.coturn import CoturnProcess, turn_allocate
+from tests.fixtures.enroll import sealed_enroll
 from tests.fixtures.openbao import OpenBao, dev_server
 from tests.fixtures.vault_mesh import MOUNT, PREFIX, VaultPeers
 
@@ -104,9 +104,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 r = api.patch("/api/v1/settings", json={"turn_servers": [stack.coturn.turn_url], "credential_ttl": 60})
                 assert r.status_code == 200, r.text
                 key = api.post("/api/v1/setup-keys", json={"name": "rot"}).json()["key"]
-            enrolled = httpx.post(
-                coord.url + "/api/v1/enroll", json={"setup_key": key, "public_key": wg_public_key(), "hostname": "p1"}
-            ).json()
+            enrolled = sealed_enroll(coord.url, {"setup_key": key, "hostname": "p1"}).json()
             stack.peer_credential = enrolled["credential"]
             yield stack
         finally:

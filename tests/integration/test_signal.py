@@ -33,6 +33,7 @@ from agent.signal_client import SignalClient
 from agent.signal_crypto import SignalCrypto
 from coordinator.signing import TokenSigner
 from tests.fixtures.coordinator import CoordinatorProcess
+from tests.fixtures.enroll import sealed_enroll
 from tests.fixtures.openbao import _die_with_parent, free_port
 
 MARKER = "PLAINTEXT-MARKER-7f3a9c"
@@ -172,10 +173,7 @@ def enroll(coordinator: CoordinatorProcess) -> Callable[[], Peer]:
         private = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
         public = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
         name = f"sig-{uuid.uuid4().hex[:8]}"
-        r = httpx.post(
-            coordinator.url + "/api/v1/enroll",
-            json={"setup_key": setup_key, "public_key": public, "hostname": name},
-        )
+        r = sealed_enroll(coordinator.url, {"setup_key": setup_key, "hostname": name}, private_key=key)
         assert r.status_code == 200, r.text
         return Peer(name, private, public, r.json()["credential"], coordinator.url)
 

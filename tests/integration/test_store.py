@@ -8,16 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import text
 
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import Conflict, Forbidden, UnknownReference
-from coordinator.schemas import EnrollRequest, GroupIn, PeerUpdate, PolicyIn, SetupKeyIn
+from coordinator.schemas import EnrollResponse, GroupIn, PeerUpdate, PolicyIn, SealedRequest, SetupKeyIn
 from coordinator.secrets import StaticSecrets, ensure_secrets
 from coordinator.service.core import Coordinator
 from coordinator.store import Store, StoreError
 from coordinator.store.models import Base
-from tests.conftest import wg_public_key
+from starling_proto.seal import seal
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -62,9 +63,17 @@ def seed(coord: Coordinator) -> dict[str, str]:
     ids = {}
     for role in ("dev", "db", "ci"):
         key = coord.credentials.create_key("admin", SetupKeyIn(name=f"k-{role}", auto_groups=[role]))
-        out = coord.peers.enroll(EnrollRequest(setup_key=key.key, public_key=wg_public_key(), hostname=role))
+        out = enroll(coord, {"setup_key": key.key, "hostname": role})
         ids[role] = out.peer.id
     return ids
+
+
+def enroll(coord: Coordinator, payload: dict[str, object]) -> EnrollResponse:
+    """A sealed enrollment through the service, as the API route does it (a fresh key each time)."""
+    token, _ = coord.identity.issue()
+    wire, reply = seal("enroll", [X25519PrivateKey.generate()], coord.identity.public_key_b64, token, payload)
+    sealed = coord.peers.enroll(SealedRequest.model_validate(wire), "127.0.0.1")
+    return EnrollResponse.model_validate(reply.open(sealed.model_dump()))
 
 
 def maps_by_name(coord: Coordinator) -> dict[str, object]:
@@ -130,7 +139,7 @@ def test_failed_write_changes_nothing(dsn: str, tmp_path: Path) -> None:
         == audit
     )
     with pytest.raises(Forbidden):
-        coord.peers.enroll(EnrollRequest(setup_key="ssk_nope-nope", public_key=wg_public_key(), hostname="x"))
+        enroll(coord, {"setup_key": "ssk_nope-nope", "hostname": "x"})
     assert len(coord.graph.peers) == 3
     coord.store.dispose()
 

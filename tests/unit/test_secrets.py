@@ -74,7 +74,7 @@ def test_ensure_secrets_static(tmp_path: Path) -> None:
     assert out["admin_token"] == "sat_given"
     assert len(out["turn_secret"]) >= 40
     decode_signing_key(out["signing_key"])
-    assert sorted(p.name for p in (tmp_path / "secrets").iterdir()) == ["signing_key", "turn_secret"]
+    assert sorted(p.name for p in (tmp_path / "secrets").iterdir()) == ["identity_key", "signing_key", "turn_secret"]
     assert ensure_secrets(load_secret_source({"admin_token": "sat_given"}, tmp_path)) == out
 
 
