@@ -52,6 +52,13 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StrictModel(Model):
+    """Request bodies that take JSON types as they are: `"5"` is not an integer, `0` or `"true"` not a
+    boolean (422). Forms that carry text (the dashboard) validate with `strict=False` explicitly."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(None, description="Pass as `cursor` to get the next page; null on the last page")
@@ -83,7 +90,7 @@ class PeerEvent(Model):
     message: Annotated[str, StringConstraints(max_length=1024), SafeText]
 
 
-class KeyChangePayload(Model):
+class KeyChangePayload(StrictModel):
     """Inside a sealed key rotation (`public_key` = the key the coordinator holds, `new_public_key` = the
     new one; the seal proves possession of both). `prepare` only validates and records the intent;
     `commit` makes the coordinator use the new key and pushes it to every peer that may reach this one."""
@@ -116,7 +123,7 @@ class PeerOut(BaseModel):
     connections_reported_at: dt.datetime | None
 
 
-class PeerUpdate(Model):
+class PeerUpdate(StrictModel):
     name: PeerName | None = None
     groups: list[Label] | None = Field(None, max_length=1000)
     approved: bool | None = None
@@ -157,7 +164,7 @@ OsName = Annotated[str, StringConstraints(max_length=128), SafeText]
 AgentVersion = Annotated[str, StringConstraints(max_length=64), SafeText]
 
 
-class EnrollPayload(Model):
+class EnrollPayload(StrictModel):
     """Inside a sealed enrollment. A known public key logs in on its proof alone (`setup_key` is then
     ignored: it never grants power over an existing peer); an unknown one needs a valid setup key."""
 
@@ -187,13 +194,13 @@ class SigningKey(BaseModel):
 
 
 # ----- groups -------------------------------------------------------------------------------
-class GroupIn(Model):
+class GroupIn(StrictModel):
     name: Label
     description: Text = ""
     peers: list[PeerName] | None = Field(None, description="Exact member list (peer names); omit to keep")
 
 
-class GroupUpdate(Model):
+class GroupUpdate(StrictModel):
     name: Label | None = None
     description: Text | None = None
     peers: list[PeerName] | None = None
@@ -228,7 +235,7 @@ def format_port(rng: list[int] | tuple[int, int]) -> str:
     return str(rng[0]) if rng[0] == rng[1] else f"{rng[0]}-{rng[1]}"
 
 
-class Endpoints(Model):
+class Endpoints(StrictModel):
     groups: list[Label] = Field(default_factory=list, max_length=1000)
     peers: list[PeerName] = Field(default_factory=list, max_length=1000)
 
@@ -239,7 +246,7 @@ class Endpoints(Model):
         return self
 
 
-class _PolicyFields(Model):
+class _PolicyFields(StrictModel):
     @field_validator("ports", check_fields=False)
     @classmethod
     def _ports(cls, value: list[PortSpec] | None) -> list[PortSpec] | None:
@@ -295,7 +302,7 @@ class PolicyOut(BaseModel):
 
 
 # ----- setup keys and tokens ----------------------------------------------------------------
-class SetupKeyIn(Model):
+class SetupKeyIn(StrictModel):
     name: Label
     reusable: bool = False
     usage_limit: int = Field(0, ge=0, le=1_000_000, description="0 = unlimited (reusable keys)")
@@ -304,7 +311,7 @@ class SetupKeyIn(Model):
     ephemeral: bool = False
 
 
-class SetupKeyUpdate(Model):
+class SetupKeyUpdate(StrictModel):
     revoked: bool | None = None
     auto_groups: list[Label] | None = Field(None, max_length=100)
 
@@ -329,13 +336,13 @@ class SetupKeyCreated(SetupKeyOut):
     key: str = Field(description="The clear key: shown only in this response")
 
 
-class TokenIn(Model):
+class TokenIn(StrictModel):
     name: Label
     scope: Literal["read", "write"]
     expires_in: int | None = Field(None, ge=60, le=10 * 365 * 86400)
 
 
-class TokenUpdate(Model):
+class TokenUpdate(StrictModel):
     revoked: bool | None = None
 
 
@@ -366,7 +373,7 @@ class SettingsOut(BaseModel):
     revision: int
 
 
-class SettingsUpdate(Model):
+class SettingsUpdate(StrictModel):
     mesh_prefix: Annotated[str, StringConstraints(max_length=18)] | None = None
     dns_domain: Annotated[str, StringConstraints(pattern=DNS_DOMAIN, max_length=253)] | None = None
     turn_servers: list[Annotated[str, StringConstraints(pattern=RELAY_URL)]] | None = Field(None, max_length=16)

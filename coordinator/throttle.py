@@ -23,6 +23,7 @@ written on a background thread; the next event for that source comes only after 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
@@ -30,12 +31,12 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
-from coordinator.errors import RateLimited
+from coordinator.errors import RateLimited, Unauthorized
 
 if TYPE_CHECKING:
     from coordinator.metrics import Metrics
@@ -139,6 +140,16 @@ class AuthThrottle:
         if self._metrics is not None:
             self._metrics.auth_throttled.labels(kind).inc()
         raise RateLimited(f"too many failed authentications from this address: try again in {wait} s", retry_after=wait)
+
+    @contextlib.contextmanager
+    def attempt(self, source: str, kind: str) -> Iterator[None]:
+        """`check()` now, and `failure()` if the authentication inside raises Unauthorized."""
+        self.check(source, kind)
+        try:
+            yield
+        except Unauthorized:
+            self.failure(source, kind)
+            raise
 
     def failure(self, source: str, kind: str) -> None:
         """Record one failed authentication of `source`."""

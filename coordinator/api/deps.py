@@ -43,13 +43,8 @@ def api_caller(
     request: Request, coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Caller:
     token = _token(creds)  # no credential at all: a plain 401, neither throttled nor counted
-    source = client_address(request)
-    coord.throttle.check(source, "api_token")
-    try:
+    with coord.throttle.attempt(client_address(request), "api_token"):
         return coord.credentials.authenticate(token)
-    except Unauthorized:
-        coord.throttle.failure(source, "api_token")
-        raise
 
 
 def api_writer(caller: Annotated[Caller, Depends(api_caller)]) -> Caller:
@@ -61,13 +56,8 @@ def peer_caller(
     request: Request, coord: Coord, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> tuple[str, str]:
     token = _token(creds)
-    source = client_address(request)
-    coord.throttle.check(source, "peer_credential")
-    try:
+    with coord.throttle.attempt(client_address(request), "peer_credential"):
         return coord.peers.authenticate(token)
-    except Unauthorized:
-        coord.throttle.failure(source, "peer_credential")
-        raise
 
 
 Reader = Annotated[Caller, Depends(api_caller)]

@@ -691,7 +691,7 @@ def build_router(dash: Dashboard) -> APIRouter:
         }
         try:
             body = SetupKeyIn.model_validate(
-                {**form, "expires_in": int(form["expires_in"]) if form["expires_in"] else None}
+                {**form, "expires_in": int(form["expires_in"]) if form["expires_in"] else None}, strict=False
             )
         except (ValidationError, ValueError) as exc:
             message = "invalid value"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
@@ -74,6 +74,19 @@ def setup_key_state(key: SetupKey, now: dt.datetime) -> str:
     if limit and key.used_count >= limit:
         return "exhausted"
     return "valid"
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def payload_of(model: type[P], opened: OpenedRequest) -> P:
+    """The sealed payload validated as `model`; Invalid (422) naming the first bad field."""
+    try:
+        return model.model_validate(opened.payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise Invalid(f"{where}: {first.get('msg')}", field=where or None) from exc
 
 
 class PeerService:
@@ -209,12 +222,7 @@ class PeerService:
     def enroll(self, wire: SealedRequest, source: str) -> SealedReply:
         """Enroll a new WireGuard key with a setup key, or log in a known key on its proof alone."""
         opened, nonce, expires = self._open("enroll", wire, source)
-        try:
-            body = EnrollPayload.model_validate(opened.payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ()))
-            raise Invalid(f"{where}: {first.get('msg')}", field=where or None) from exc
+        body = payload_of(EnrollPayload, opened)
         public_key = opened.public_keys[0]
 
         def run(tx: Tx) -> EnrollResponse:
@@ -370,12 +378,7 @@ class PeerService:
         if wire.new_public_key is None:
             raise Invalid("a key rotation names new_public_key (and is sealed with both keys)", field="new_public_key")
         opened, nonce, expires = self._open("rotate", wire, source)
-        try:
-            body = KeyChangePayload.model_validate(opened.payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ()))
-            raise Invalid(f"{where}: {first.get('msg')}", field=where or None) from exc
+        body = payload_of(KeyChangePayload, opened)
         old_key, new_key = opened.public_keys
 
         def run(tx: Tx) -> PeerOut:

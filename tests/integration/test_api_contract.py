@@ -153,3 +153,27 @@ def test_nul_in_a_json_body_is_refused(api: httpx.Client, path: str, body: dict[
     assert "NUL" in r.json()["message"]
     escaped = api.post("/api/v1/groups", json={"name": f"esc-{uuid.uuid4().hex[:6]}", "description": "a\\u0000b"})
     assert escaped.status_code == 201 and escaped.json()["description"] == "a\\u0000b"  # a backslash, not NUL
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/setup-keys", {"reusable": 1}, "reusable"),
+        ("/api/v1/setup-keys", {"reusable": "true"}, "reusable"),
+        ("/api/v1/setup-keys", {"usage_limit": "5"}, "usage_limit"),
+        ("/api/v1/setup-keys", {"expires_in": 3600.0}, "expires_in"),
+        ("/api/v1/setup-keys", {"ephemeral": 0}, "ephemeral"),
+        ("/api/v1/tokens", {"scope": "read", "expires_in": "3600"}, "expires_in"),
+        ("/api/v1/groups", {"description": 5}, "description"),
+    ],
+)
+def test_json_body_types_are_taken_as_they_are(
+    api: httpx.Client, path: str, body: dict[str, object], field: str
+) -> None:
+    """No coercion in request bodies: a string is not a number, a number not a boolean (422, nothing created)."""
+    name = f"strict-{uuid.uuid4().hex[:8]}"
+    before = len(api.get(path, params={"limit": 1000}).json()["items"])
+    assert_422(api.post(path, json={"name": name, **body}), field)
+    assert len(api.get(path, params={"limit": 1000}).json()["items"]) == before
+    good = {k: v for k, v in body.items() if k != field}
+    assert api.post(path, json={"name": name, **good}).status_code == 201  # without the mistyped field: fine
