@@ -60,7 +60,7 @@ CONFLICTS: dict[str, str] = {
     "PATCH /api/v1/tokens/{token_id}": "a revoked token cannot be reinstated",
     "PATCH /api/v1/settings": "a new mesh_prefix leaves peers' addresses outside it",
     "POST /api/v1/secrets/reload": "the coordinator was started without a secret source",
-    "POST /api/v1/enroll": "the requested peer name is taken",
+    "POST /api/v1/enroll": "the requested peer name is taken, or the mesh prefix is full",
     "POST /api/v1/peer/key": "the previous key is not the one the coordinator holds, or the key is taken",
 }
 # Public operations that check a credential in their body (403 `forbidden` when it is refused; failures
