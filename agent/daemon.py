@@ -38,6 +38,7 @@ from agent.peers import Candidate, PathState, PeerConnection
 from agent.rekey import KeyRotation
 from agent.wg import WireGuardBackend
 from agent.wg.backend import WireGuardError
+from starling_proto.netmap import FullMap, MapMessage, PeerEntry, UnsupportedMapVersion, parse_map_message
 
 OLD_KEY_GRACE = 5.0  # s a neighbour's old key stays (without allowed IPs) after it rotated
 
@@ -182,25 +183,17 @@ class Agent(PeerLinks, KeyRotation):
         self.stop_event.set()
 
     # ----- map --------------------------------------------------------------------------------
-    def _load_cached_map(self) -> dict[str, Any] | None:
+    def _load_cached_map(self) -> FullMap | None:
         try:
-            data = json.loads(self.map_cache.read_text())
-        except (OSError, ValueError):
+            return FullMap.from_wire(json.loads(self.map_cache.read_text()))
+        except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) and data.get("type") == "map" else None
+        except (OSError, ValueError) as exc:  # WireFormatError is a ValueError
+            log.warning("cached map %s not used: %s", self.map_cache, exc)
+            return None
 
-    def _save_map(self, msg: dict[str, Any]) -> None:
-        full = {
-            "type": "map",
-            "serial": self.map.serial,
-            "peer": self.map.me,
-            "peers": list(self.map.peers.values()),
-            "firewall": {"rules": self.map.rules, "sets": self.map.sets},
-            "dns": self.map.dns,
-            "signal": self.map.signal,
-            "relays": self.map.relays,
-        }
-        write_private(self.map_cache, json.dumps(full))
+    def _save_map(self) -> None:
+        write_private(self.map_cache, self.map.to_full().to_json())
 
     async def _follow_map(self) -> None:
         delays = backoff_delays()
@@ -211,8 +204,8 @@ class Agent(PeerLinks, KeyRotation):
                         if not self.management.connected:
                             self.management.set(True)
                             delays = backoff_delays()
-                        await self._apply(data)
-                        if event == "map" and self.map.me.get("public_key") not in (None, self.public_key):
+                        await self._apply(parse_map_message(data))  # WireFormatError: nothing changed
+                        if event == "map" and self.map.me and self.map.me.public_key != self.public_key:
                             await self.present_key()
                     elif event == "deleted":
                         self.management.set(False, "this peer was removed from the mesh")
@@ -230,6 +223,12 @@ class Agent(PeerLinks, KeyRotation):
             except MapGap as exc:
                 log.warning("%s: reconnecting for a full map", exc)
                 self.management.set(False, str(exc))
+                continue
+            except UnsupportedMapVersion as exc:
+                # Keep the map we hold (tunnels and firewall stay as they are) until the agent is upgraded.
+                self.management.set(False, str(exc))
+                log.error("%s", exc)
+                await asyncio.sleep(60)
                 continue
             except CoordinatorError as exc:
                 self.management.set(False, str(exc))
@@ -265,11 +264,13 @@ class Agent(PeerLinks, KeyRotation):
         log.warning("the coordinator refused our credential: logged in again with our key (new credential)")
         return True
 
-    async def _apply(self, msg: dict[str, Any], *, initial: bool = False) -> None:
+    async def _apply(self, msg: MapMessage, *, initial: bool = False) -> None:
         change = self.map.apply(msg)
         me = self.map.me
-        prefix = ipaddress.IPv4Network(me.get("mesh_prefix") or f"{me['mesh_ip']}/32", strict=False)
-        address = (me["mesh_ip"], prefix.prefixlen)
+        if me is None:
+            raise ValueError("the first map message was not a full map")
+        prefix = ipaddress.IPv4Network(me.mesh_prefix or f"{me.mesh_ip}/32", strict=False)
+        address = (me.mesh_ip, prefix.prefixlen)
         if address != self._address:
             await asyncio.to_thread(netlink.ensure_address, self.backend.interface, *address)
             self._address = address
@@ -289,65 +290,63 @@ class Agent(PeerLinks, KeyRotation):
             self.nat_wakeup.set()
         self.map_ready.set()
         if not initial:
-            await asyncio.to_thread(self._save_map, msg)
+            await asyncio.to_thread(self._save_map)
 
     async def _reconcile(self, change: MapChange, *, full: bool) -> None:
         for pid, entry in change.removed.items():
             await self.fallback.forget(pid)
             conn = self.conns.pop(pid, None)
-            self.by_key.pop(entry["public_key"], None)
-            await self._wg(self.backend.remove_peer, entry["public_key"])
-            log.info("peer %s removed", entry.get("name"))
+            self.by_key.pop(entry.public_key, None)
+            await self._wg(self.backend.remove_peer, entry.public_key)
+            log.info("peer %s removed", entry.name)
             del conn
         for pid, (old, new) in change.changed.items():
-            if old["public_key"] != new["public_key"]:
+            if old.public_key != new.public_key:
                 if pid in self.conns:
                     await self._peer_rekeyed(self.conns[pid], old, new)
                 else:
                     change.added[pid] = new
-            elif old["allowed_ips"] != new["allowed_ips"]:
+            elif old.allowed_ips != new.allowed_ips:
                 conn = self.conns[pid]
                 await self._wg(self.backend.set_peer, self._peer_config(new, conn.endpoint))
             if pid in self.conns:
-                self.conns[pid].name = new["name"]
+                self.conns[pid].name = new.name
         for pid, entry in change.added.items():
-            conn = PeerConnection(pid, entry["public_key"], entry["name"], entry["mesh_ip"])
+            conn = PeerConnection(pid, entry.public_key, entry.name, entry.mesh_ip)
             conn.set_state(PathState.CONNECTING)
             conn.path_changes = 0
             self.conns[pid] = conn
-            self.by_key[entry["public_key"]] = pid
+            self.by_key[entry.public_key] = pid
             existing = await asyncio.to_thread(self._wg_peers_safe)
-            current = existing.get(entry["public_key"])
+            current = existing.get(entry.public_key)
             if current is not None and current.endpoint:
                 conn.endpoint = current.endpoint  # adopted tunnel: keep it as it is
             else:
                 await self._wg(self.backend.set_peer, self._peer_config(entry, None))
-            pending = self.pending.pop(entry["public_key"], None)
+            pending = self.pending.pop(entry.public_key, None)
             if pending is not None:
                 await self._use_candidates(conn, pending[1])
             await self._offer(conn, "offer")
         if full:
-            wanted = {e["public_key"] for e in self.map.peers.values()}
+            wanted = {e.public_key for e in self.map.peers.values()}
             for key in set(await asyncio.to_thread(self._wg_peers_safe)) - wanted:
                 await self._wg(self.backend.remove_peer, key)
 
-    async def _peer_rekeyed(self, conn: PeerConnection, old: dict[str, Any], new: dict[str, Any]) -> None:
+    async def _peer_rekeyed(self, conn: PeerConnection, old: PeerEntry, new: PeerEntry) -> None:
         """A neighbour rotated its key: swap the key in WireGuard in one update, keeping endpoint,
         path and relay state. The keepalive that comes with the endpoint starts the handshake at
         once, which releases the packets the neighbour queued while we still knew its old key."""
-        self.by_key.pop(old["public_key"], None)
-        self.by_key[new["public_key"]] = conn.peer_id
-        conn.public_key = new["public_key"]
+        self.by_key.pop(old.public_key, None)
+        self.by_key[new.public_key] = conn.peer_id
+        conn.public_key = new.public_key
         conn.hold_until = time.monotonic() + OLD_KEY_GRACE
         try:
-            await asyncio.to_thread(self.backend.swap_key, old["public_key"], self._peer_config(new, conn.endpoint))
+            await asyncio.to_thread(self.backend.swap_key, old.public_key, self._peer_config(new, conn.endpoint))
         except WireGuardError as exc:
-            log.error("WireGuard: cannot swap the key of %s: %s", new.get("name"), exc)
-        self._retire_key(old["public_key"])
-        log.info(
-            "peer %s rotated its key: %s... -> %s...", new.get("name"), old["public_key"][:8], new["public_key"][:8]
-        )
-        pending = self.pending.pop(new["public_key"], None)
+            log.error("WireGuard: cannot swap the key of %s: %s", new.name, exc)
+        self._retire_key(old.public_key)
+        log.info("peer %s rotated its key: %s... -> %s...", new.name, old.public_key[:8], new.public_key[:8])
+        pending = self.pending.pop(new.public_key, None)
         if pending is not None:
             await self._use_candidates(conn, pending[1])
 
@@ -364,7 +363,7 @@ class Agent(PeerLinks, KeyRotation):
         task.add_done_callback(self._followers.discard)
 
     async def _apply_firewall(self) -> None:
-        section = {"default_action": "drop", "rules": self.map.rules, "sets": self.map.sets}
+        section = self.map.firewall()
         try:
             if self.firewall_pending:
                 await asyncio.to_thread(self.firewall.install_guard)

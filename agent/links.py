@@ -23,6 +23,7 @@ from agent.nat.stun import parse_server
 from agent.netmap import NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
 from agent.wg import PeerConfig, WireGuardBackend, WireGuardError
+from starling_proto.netmap import PeerEntry
 
 if TYPE_CHECKING:
     from agent.client import PeerApi
@@ -58,13 +59,11 @@ class PeerLinks:
     _followers: set[asyncio.Task[None]]
     _reoffer_pending: bool
 
-    def _peer_config(self, entry: dict[str, Any], endpoint: str | None) -> PeerConfig:
+    def _peer_config(self, entry: PeerEntry, endpoint: str | None) -> PeerConfig:
         # No keepalive before an endpoint is known: wireguard-go would try a handshake at once, fail
         # ("no known endpoint") and then wait its 5 s rekey timeout even after the endpoint arrives.
         # Setting keepalive together with the first endpoint starts the handshake immediately.
-        return PeerConfig(
-            entry["public_key"], tuple(entry["allowed_ips"]), endpoint, self.config.keepalive if endpoint else 0
-        )
+        return PeerConfig(entry.public_key, entry.allowed_ips, endpoint, self.config.keepalive if endpoint else 0)
 
     def _wg_peers_safe(self) -> dict[str, Any]:
         try:
@@ -98,8 +97,8 @@ class PeerLinks:
         """STUN servers: every UDP STUN/TURN URL of the map's relays (coturn answers STUN too)."""
         servers: list[tuple[str, int]] = []
         for relay in self.map.relays:
-            for url in relay.get("urls", []) if isinstance(relay, dict) else []:
-                if not isinstance(url, str) or "transport=tcp" in url or not url.startswith(("stun:", "turn:")):
+            for url in relay.urls:
+                if "transport=tcp" in url or not url.startswith(("stun:", "turn:")):
                     continue
                 with contextlib.suppress(ValueError):
                     server = parse_server(url)
@@ -155,7 +154,7 @@ class PeerLinks:
         entry = self.map.peers.get(conn.peer_id)
         if entry is None or not conn.endpoint:
             return
-        quiet = PeerConfig(entry["public_key"], tuple(entry["allowed_ips"]), conn.endpoint, 0)
+        quiet = PeerConfig(entry.public_key, entry.allowed_ips, conn.endpoint, 0)
         await self._wg(self.backend.set_peer, quiet)
         await self._wg(self.backend.set_peer, self._peer_config(entry, conn.endpoint))
 
@@ -239,7 +238,7 @@ class PeerLinks:
         from agent.signal_crypto import SignalCrypto
 
         while True:
-            url = self.config.signal_url or self.map.signal.get("url", "")
+            url = self.config.signal_url or self.map.signal.url
             if url:
                 break
             self.signal_status.set(False, "no signal URL (coordinator settings.signal_url or agent signal_url)")

@@ -1,15 +1,27 @@
-"""The agent's copy of its network map: applies full maps and deltas, reports what changed.
+"""The agent's copy of its network map: applies typed full maps and deltas, reports what changed.
 
-A delta applies only on top of the serial it names (`base_serial`); otherwise `MapGap` tells the
-caller to reconnect for a full map. `apply()` returns a `MapChange` listing peers added, removed
-and changed, so the daemon touches only those tunnels.
+Messages are parsed by the map contract (`starling_proto.netmap.parse_map_message`) before they get
+here. A delta applies only on top of the serial it names (`base_serial`); otherwise `MapGap` tells the
+caller to reconnect for a full map. `apply()` returns a `MapChange` listing peers added, removed and
+changed, so the daemon touches only those tunnels.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any
+
+from starling_proto.firewall import FirewallRule, FirewallSection
+from starling_proto.netmap import (
+    MAP_VERSION,
+    DnsConfig,
+    FullMap,
+    MapDelta,
+    MapMessage,
+    PeerEntry,
+    RelayCredential,
+    SelfEntry,
+    SignalConfig,
+)
 
 
 class MapGap(Exception):
@@ -18,9 +30,9 @@ class MapGap(Exception):
 
 @dataclass
 class MapChange:
-    added: dict[str, dict[str, Any]] = field(default_factory=dict)
-    removed: dict[str, dict[str, Any]] = field(default_factory=dict)
-    changed: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)  # id -> (old, new)
+    added: dict[str, PeerEntry] = field(default_factory=dict)
+    removed: dict[str, PeerEntry] = field(default_factory=dict)
+    changed: dict[str, tuple[PeerEntry, PeerEntry]] = field(default_factory=dict)  # id -> (old, new)
     firewall: bool = False
     full: bool = False
 
@@ -31,59 +43,61 @@ class MapChange:
 @dataclass
 class NetworkMap:
     serial: int = -1
-    me: dict[str, Any] = field(default_factory=dict)
-    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rules: list[dict[str, Any]] = field(default_factory=list)
-    sets: dict[str, list[str]] = field(default_factory=dict)
-    dns: dict[str, Any] = field(default_factory=dict)
-    signal: dict[str, Any] = field(default_factory=dict)
-    relays: list[dict[str, Any]] = field(default_factory=list)
+    me: SelfEntry | None = None
+    peers: dict[str, PeerEntry] = field(default_factory=dict)
+    rules: tuple[FirewallRule, ...] = ()
+    sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    signal: SignalConfig = field(default_factory=SignalConfig)
+    relays: tuple[RelayCredential, ...] = ()
+    version: int = MAP_VERSION
 
     @property
     def loaded(self) -> bool:
-        return self.serial >= 0
+        return self.serial >= 0 and self.me is not None
 
-    def apply(self, msg: dict[str, Any]) -> MapChange:
-        kind = msg.get("type")
-        if kind == "map":
+    def firewall(self) -> FirewallSection:
+        return FirewallSection(self.rules, dict(self.sets))
+
+    def apply(self, msg: MapMessage) -> MapChange:
+        if isinstance(msg, FullMap):
             return self._apply_full(msg)
-        if kind != "delta":
-            raise ValueError(f"unknown map message type {kind!r}")
-        if msg.get("base_serial") != self.serial:
-            raise MapGap(f"delta for serial {msg.get('base_serial')} but we hold {self.serial}")
+        return self._apply_delta(msg)
+
+    def _apply_delta(self, msg: MapDelta) -> MapChange:
+        if msg.base_serial != self.serial:
+            raise MapGap(f"delta for serial {msg.base_serial} but we hold {self.serial}")
         change = MapChange()
-        for pid in msg.get("peers_remove", []):
+        for pid in msg.peers_remove:
             old = self.peers.pop(pid, None)
             if old is not None:
                 change.removed[pid] = old
-        for entry in msg.get("peers_upsert", []):
-            old = self.peers.get(entry["id"])
-            self.peers[entry["id"]] = entry
+        for entry in msg.peers_upsert:
+            old = self.peers.get(entry.id)
+            self.peers[entry.id] = entry
             if old is None:
-                change.added[entry["id"]] = entry
+                change.added[entry.id] = entry
             elif old != entry:
-                change.changed[entry["id"]] = (old, entry)
-        if "rules" in msg:
-            self.rules = msg["rules"]
-            change.firewall = True
-        for name in msg.get("sets_remove", []):
+                change.changed[entry.id] = (old, entry)
+        if msg.rules is not None:
+            self.rules = msg.rules
+        for name in msg.sets_remove:
             self.sets.pop(name, None)
-            change.firewall = True
-        if msg.get("sets_replace"):
-            self.sets.update(msg["sets_replace"])
-            change.firewall = True
-        for key in ("dns", "signal"):
-            if key in msg:
-                setattr(self, key, msg[key])
-        if "peer" in msg:
-            self.me = msg["peer"]
-        if "relays" in msg:
-            self.relays = msg["relays"]
-        self.serial = int(msg["serial"])
+        self.sets.update(msg.sets_replace)
+        change.firewall = msg.firewall_changed
+        if msg.dns is not None:
+            self.dns = msg.dns
+        if msg.signal is not None:
+            self.signal = msg.signal
+        if msg.peer is not None:
+            self.me = msg.peer
+        if msg.relays is not None:
+            self.relays = msg.relays
+        self.serial, self.version = msg.serial, msg.version
         return change
 
-    def _apply_full(self, msg: dict[str, Any]) -> MapChange:
-        new_peers = {p["id"]: p for p in msg["peers"]}
+    def _apply_full(self, msg: FullMap) -> MapChange:
+        new_peers = {p.id: p for p in msg.peers}
         change = MapChange(full=True, firewall=True)
         for pid, entry in new_peers.items():
             old = self.peers.get(pid)
@@ -94,15 +108,30 @@ class NetworkMap:
         for pid, old in self.peers.items():
             if pid not in new_peers:
                 change.removed[pid] = old
-        self.serial = int(msg["serial"])
-        self.me = msg["peer"]
+        self.serial, self.version = msg.serial, msg.version
+        self.me = msg.peer
         self.peers = new_peers
-        self.rules = msg["firewall"]["rules"]
-        self.sets = msg["firewall"]["sets"]
-        self.dns = msg.get("dns", {})
-        self.signal = msg.get("signal", {})
-        self.relays = msg.get("relays", [])
+        self.rules = msg.firewall.rules
+        self.sets = dict(msg.firewall.sets)
+        self.dns, self.signal, self.relays = msg.dns, msg.signal, msg.relays
         return change
 
-    def snapshot(self) -> dict[str, Any]:
-        return copy.deepcopy({"serial": self.serial, "me": self.me, "peers": self.peers})
+    def to_full(self) -> FullMap:
+        """What we hold as one full map (the on-disk cache a restart begins with)."""
+        if self.me is None:
+            raise ValueError("no map yet")
+        return FullMap(
+            self.serial,
+            self.me,
+            tuple(self.peers.values()),
+            self.firewall(),
+            self.dns,
+            self.signal,
+            self.relays,
+            self.version,
+        )
+
+    def set_my_key(self, public_key: str) -> None:
+        """The coordinator now holds `public_key` for us (a rotation it confirmed, or one rolled back)."""
+        if self.me is not None:
+            self.me = self.me.with_key(public_key)

@@ -81,13 +81,13 @@ class KeyRotation:
                 "(stale replica, or rotated again meanwhile?)",
                 "source",
             )
-        held = str(self.map.me.get("public_key") or self.public_key)
+        held = self.map.me.public_key if self.map.me else self.public_key
         result: dict[str, Any] = {"public_key": new_public, "version": version, "source": self.keys.name}
         if new_public == self.public_key:
             if held != new_public:
                 # An earlier rotation switched WireGuard but its commit never reached the coordinator.
                 await self._change(new_private, held, "commit", version, "commit")
-                self.map.me["public_key"] = new_public
+                self.map.set_my_key(new_public)
                 return {**result, "changed": True, "repaired": True}
             return {**result, "changed": False}
 
@@ -114,7 +114,7 @@ class KeyRotation:
             self.private_key, self.public_key = old_private, old_public
             log.warning("key rotation: commit failed, WireGuard is back on the old key")
             raise
-        self.map.me["public_key"] = new_public  # the coordinator's view now (its map delta confirms it)
+        self.map.set_my_key(new_public)  # the coordinator's view now (its map delta confirms it)
         log.info("key rotated: %s... -> %s... (version %s)", old_public[:8], new_public[:8], version)
         self._new_signal_identity()
         handshakes, missing = await self._verify(expected, switched_at, verify_timeout)
@@ -146,7 +146,7 @@ class KeyRotation:
         source while this agent was down (or an earlier commit was lost). Present ours, guarded by the
         key the coordinator holds; neighbours then switch as in a rotation."""
         async with self._rekey_lock:
-            held = str(self.map.me.get("public_key"))
+            held = self.map.me.public_key if self.map.me else self.public_key
             if held == self.public_key:
                 return
             try:
@@ -154,7 +154,7 @@ class KeyRotation:
             except RekeyError as exc:
                 log.error("the coordinator holds key %s... for us, not ours: %s", held[:8], exc)
                 return
-            self.map.me["public_key"] = self.public_key
+            self.map.set_my_key(self.public_key)
             log.warning("presented our key %s... (the coordinator held %s...)", self.public_key[:8], held[:8])
             await self._event("key.reloaded", f"key {held[:8]}... -> {self.public_key[:8]}... presented at start-up")
 
@@ -217,4 +217,4 @@ class KeyRotation:
     def _peer_name(self, key: str) -> str:
         pid = self.by_key.get(key)
         entry = self.map.peers.get(pid) if pid else None
-        return str(entry.get("name")) if entry else key[:8]
+        return entry.name if entry else key[:8]

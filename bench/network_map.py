@@ -190,6 +190,7 @@ def baseline_render(peer: PeerNode, result: MapResult, by_id: dict[str, PeerNode
     me.update(mesh_prefix=SETTINGS.mesh_prefix, approved=peer.approved)
     doc = {
         "type": "map",
+        "version": 1,
         "serial": serial,
         "peer": me,
         "dns": {"domain": domain},

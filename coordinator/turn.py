@@ -11,7 +11,8 @@ import base64
 import hashlib
 import hmac
 import time
-from typing import Any
+
+from starling_proto.netmap import RelayCredential
 
 
 def turn_password(secret: str, username: str) -> str:
@@ -28,16 +29,9 @@ def credential_window(ttl: int, now: float | None = None) -> tuple[int, int]:
 
 def relay_credentials(
     secret: str, peer_name: str, servers: tuple[str, ...] | list[str], ttl: int, now: float | None = None
-) -> list[dict[str, Any]]:
+) -> tuple[RelayCredential, ...]:
     if not servers:
-        return []
+        return ()
     expiry, _ = credential_window(ttl, now)
     username = f"{expiry}:{peer_name}"
-    return [
-        {
-            "urls": list(servers),
-            "username": username,
-            "password": turn_password(secret, username),
-            "expires_at": expiry,
-        }
-    ]
+    return (RelayCredential(tuple(servers), username, turn_password(secret, username), expiry),)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from agent.firewall.model import FAMILY, TABLE, CompiledRuleset, FirewallError, 
 from agent.firewall.nft import Monitor, Nft
 from agent.firewall.nftjson import Plan, delete_table, diff, full_build
 from agent.firewall.state import parse_listing, problems
+from starling_proto.firewall import FirewallSection
 
 log = logging.getLogger("starling.agent.firewall")
 Mode = Literal["enforce", "disabled"]
@@ -125,11 +126,11 @@ class Firewall:
             self._state, self._last_error = "guard", None
             self._start_monitor()
 
-    def validate(self, firewall: dict[str, Any]) -> CompiledRuleset:
+    def validate(self, firewall: FirewallSection | Mapping[str, object]) -> CompiledRuleset:
         """Check and compile a map's firewall section; raises `FirewallError`, applies nothing."""
         return compile_firewall(firewall, self.interface)
 
-    def apply(self, firewall: dict[str, Any]) -> ApplyResult:
+    def apply(self, firewall: FirewallSection | Mapping[str, object]) -> ApplyResult:
         """Validate, then apply the difference from what is installed in one transaction.
 
         On any error nothing changes (the previous ruleset or the guard stays) and `FirewallError`

@@ -6,7 +6,8 @@ addresses), one rule per map rule in `mesh_in` ("in") or `mesh_out` ("out"). The
 data: `agent.firewall.nftjson` renders it as libnftables JSON commands (a full build, or the diff
 from the model installed before), `render_text()` as `nft` text for people.
 
-A map with any malformed part is rejected as a whole (`FirewallMapError`); nothing is applied.
+The section's structure is checked by the map contract (`starling_proto.firewall.FirewallSection`);
+a map with any malformed part is rejected as a whole (`FirewallMapError`); nothing is applied.
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from starling_proto.firewall import FirewallRule, FirewallSection
+from starling_proto.wire import WireFormatError
 
 FAMILY = "inet"
 TABLE = "starling"
 CHAIN_IN = "mesh_in"
 CHAIN_OUT = "mesh_out"
-PROTOCOLS = ("any", "tcp", "udp", "icmp")
-DIRECTIONS = ("in", "out")
 MESH = ipaddress.IPv4Network("100.64.0.0/10")
-RULE_KEYS = frozenset({"policy_id", "direction", "action", "protocol", "ports", "peer_set"})
-FIREWALL_KEYS = frozenset({"default_action", "rules", "sets"})
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9:._ -]")
 
@@ -149,83 +149,13 @@ def merge_ports(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in merged)
 
 
+def _comment_of(rule: FirewallRule) -> str:
+    return _comment(rule.policy_id, rule.direction, rule.peer_set)
+
+
 def _comment(policy_id: str, direction: str, peer_set: str) -> str:
     text = _COMMENT_UNSAFE.sub("_", f"{policy_id} {direction} {peer_set}")
     return text[:120]
-
-
-class _IpChecker:
-    """Validates IPv4 mesh addresses. Sets repeat the same addresses, so each distinct string is
-    checked once and whole sets are screened with one C-level set difference."""
-
-    def __init__(self) -> None:
-        self.good: set[str] = set()
-
-    def first_problem(self, members: list[Any]) -> str | None:
-        try:
-            unknown: Any = set(members) - self.good
-        except TypeError:  # an unhashable member (a list, an object): check one by one
-            unknown = members
-        for ip in unknown:
-            reason = self._problem(ip)
-            if reason is not None:
-                return reason
-            self.good.add(ip)
-        return None
-
-    @staticmethod
-    def _problem(ip: Any) -> str | None:
-        if not isinstance(ip, str):
-            return f"{ip!r} is not a string"
-        try:
-            packed = socket.inet_pton(socket.AF_INET, ip)
-        except OSError:
-            return f"{ip!r} is not an IPv4 address"
-        if packed[0] != 100 or packed[1] & 0xC0 != 0x40:  # 100.64.0.0/10
-            return f"{ip} is outside the mesh range {MESH}"
-        return None
-
-
-def _check_ports(protocol: str, ports: Any, where: str) -> tuple[tuple[int, int], ...]:
-    if not isinstance(ports, list):
-        raise FirewallMapError(f"{where}.ports: must be a list of [start, end] pairs", field=f"{where}.ports")
-    if ports and protocol not in ("tcp", "udp"):
-        raise FirewallMapError(
-            f"{where}.ports: ports are only allowed with tcp or udp, not {protocol}", field=f"{where}.ports"
-        )
-    ranges: list[tuple[int, int]] = []
-    for j, pair in enumerate(ports):
-        at = f"{where}.ports[{j}]"
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise FirewallMapError(f"{at}: {pair!r} is not a [start, end] pair", field=at)
-        start, end = pair
-        for value in (start, end):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise FirewallMapError(f"{at}: port {value!r} is not an integer", field=at)
-            if not 1 <= value <= 65535:
-                raise FirewallMapError(f"{at}: port {value} is outside 1-65535", field=at)
-        if start > end:
-            raise FirewallMapError(f"{at}: range start {start} is greater than its end {end}", field=at)
-        ranges.append((start, end))
-    return merge_ports(ranges)
-
-
-def _check_sets(sets: Any) -> dict[str, frozenset[str]]:
-    if not isinstance(sets, dict):
-        raise FirewallMapError("firewall.sets: must be an object of set name -> list of IPv4 addresses", field="sets")
-    checker = _IpChecker()
-    out: dict[str, frozenset[str]] = {}
-    for name, members in sets.items():
-        at = f"sets[{name!r}]"
-        if not isinstance(name, str) or not name:
-            raise FirewallMapError(f"firewall.sets: set name {name!r} must be a non-empty string", field="sets")
-        if not isinstance(members, list):
-            raise FirewallMapError(f"firewall.{at}: must be a list of IPv4 addresses", field=at)
-        reason = checker.first_problem(members)
-        if reason is not None:
-            raise FirewallMapError(f"firewall.{at}: {reason}", field=at)
-        out[name] = frozenset(members)
-    return out
 
 
 def _shared_sets(used: set[str], sets: dict[str, frozenset[str]]) -> dict[str, str]:
@@ -238,55 +168,35 @@ def _shared_sets(used: set[str], sets: dict[str, frozenset[str]]) -> dict[str, s
     return {name: nft_set_name(names[0]) for names in by_content.values() for name in names}
 
 
-def compile_firewall(firewall: Any, interface: str) -> CompiledRuleset:
-    """Validate the map's firewall section and compile it; raises `FirewallMapError` on any malformed part."""
+def parse_section(firewall: FirewallSection | Mapping[str, object] | object) -> FirewallSection:
+    """The typed section (a wire object is parsed by the map contract); FirewallMapError if malformed."""
+    if isinstance(firewall, FirewallSection):
+        for i, rule in firewall.unknown_sets():  # a delta may have removed a set a rule still names
+            at = f"rules[{i}] (policy {rule.policy_id})"
+            raise FirewallMapError(f"firewall.{at}: unknown peer_set {rule.peer_set!r}", field=f"rules[{i}]")
+        return firewall
+    try:
+        return FirewallSection.from_wire(firewall)
+    except WireFormatError as exc:
+        raise FirewallMapError(str(exc), field=exc.field) from exc
+
+
+def compile_firewall(firewall: FirewallSection | Mapping[str, object] | object, interface: str) -> CompiledRuleset:
+    """Compile the map's firewall section (typed, or a wire object parsed first); `FirewallMapError` on
+    any malformed part, nothing compiled."""
     check_interface(interface)
-    if not isinstance(firewall, dict):
-        raise FirewallMapError("firewall: must be an object with rules and sets")
-    unknown = sorted(set(firewall) - FIREWALL_KEYS)
-    if unknown:
-        raise FirewallMapError(
-            f"firewall: unknown keys {', '.join(map(str, unknown))} (agent too old?)", field="firewall"
+    section = parse_section(firewall)
+    sets = {name: frozenset(members) for name, members in section.sets.items()}
+    checked = [
+        (
+            r.direction,
+            r.protocol,
+            merge_ports(list(r.ports)),
+            r.peer_set,
+            _comment(r.policy_id, r.direction, r.peer_set),
         )
-    action = firewall.get("default_action", "drop")
-    if action != "drop":
-        raise FirewallMapError(
-            f"firewall.default_action: {action!r} is not supported (only 'drop')", field="default_action"
-        )
-    rules = firewall.get("rules", [])
-    if not isinstance(rules, list):
-        raise FirewallMapError("firewall.rules: must be a list", field="rules")
-    sets = _check_sets(firewall.get("sets", {}))
-    checked: list[tuple[Direction, str, tuple[tuple[int, int], ...], str, str]] = []
-    for i, rule in enumerate(rules):
-        where = f"rules[{i}]"
-        if not isinstance(rule, dict):
-            raise FirewallMapError(f"firewall.{where}: must be an object", field=where)
-        extra = sorted(set(rule) - RULE_KEYS)
-        if extra:
-            raise FirewallMapError(f"firewall.{where}: unknown keys {', '.join(map(str, extra))}", field=where)
-        policy_id = rule.get("policy_id")
-        if not isinstance(policy_id, str) or not policy_id:
-            raise FirewallMapError(
-                f"firewall.{where}.policy_id: must be a non-empty string", field=f"{where}.policy_id"
-            )
-        where = f"rules[{i}] (policy {policy_id})"
-        direction = rule.get("direction")
-        if direction not in DIRECTIONS:
-            raise FirewallMapError(f"firewall.{where}: unknown direction {direction!r} (in or out)", field=where)
-        if rule.get("action", "accept") != "accept":
-            raise FirewallMapError(
-                f"firewall.{where}: unknown action {rule.get('action')!r} (only accept)", field=where
-            )
-        protocol = rule.get("protocol")
-        if protocol not in PROTOCOLS:
-            known = ", ".join(PROTOCOLS)
-            raise FirewallMapError(f"firewall.{where}: unknown protocol {protocol!r} ({known})", field=where)
-        ports = _check_ports(protocol, rule.get("ports", []), f"firewall.{where}")
-        peer_set = rule.get("peer_set")
-        if not isinstance(peer_set, str) or peer_set not in sets:
-            raise FirewallMapError(f"firewall.{where}: unknown peer_set {peer_set!r}", field=where)
-        checked.append((direction, protocol, ports, peer_set, _comment(policy_id, direction, peer_set)))
+        for r in section.rules
+    ]
     used = _shared_sets({c[3] for c in checked}, sets)
     specs: dict[str, set[RuleSpec]] = {"in": set(), "out": set()}
     for direction, protocol, ports, peer_set, comment in checked:

@@ -96,21 +96,21 @@ class Fallback:
     def _servers(self, with_turn: bool = True) -> dict[str, Any]:
         stun = turn = user = password = None
         for relay in self.agent.map.relays:
-            for url in relay.get("urls", []) if isinstance(relay, dict) else []:
-                if not isinstance(url, str) or "transport=tcp" in url:
+            for url in relay.urls:
+                if "transport=tcp" in url:
                     continue
                 with contextlib.suppress(ValueError):
                     server = parse_server(url)
                     stun = stun or server
                     if with_turn and url.startswith("turn:") and turn is None:
-                        turn, user, password = server, relay.get("username"), relay.get("password")
+                        turn, user, password = server, relay.username, relay.password
         return {"stun_server": stun, "turn_server": turn, "turn_username": user, "turn_password": password}
 
     def credential_expiry(self) -> float:
         """Expiry (unix time) of the TURN credential the map offers now; 0 if none."""
         for relay in self.agent.map.relays:
-            if isinstance(relay, dict) and isinstance(relay.get("expires_at"), int | float):
-                return float(relay["expires_at"])
+            if relay.expires_at:
+                return float(relay.expires_at)
         return 0.0
 
     async def _session(self, conn: PeerConnection, controlling: bool, with_turn: bool = True) -> IceSession:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from coordinator.engine.bits import iter_bits
+from starling_proto.firewall import FirewallRule as Rule  # the map contract's rule: no conversion on render
+
+__all__ = ["ComputeStats", "Direction", "MeshGraph", "PeerMapState", "PeerNode", "PolicyNode", "Rule", "SettingsNode"]
 
 Direction = Literal["in", "out"]
 INFO_LOG_MAX = 20_000
@@ -49,17 +52,6 @@ class PolicyNode:
 
     def peers(self) -> frozenset[str]:
         return self.src_peers | self.dst_peers
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Rule:
-    """One firewall rule of a peer's map: traffic in `direction` with the peers of `peer_set`."""
-
-    policy_id: str
-    direction: Direction
-    protocol: str
-    ports: tuple[tuple[int, int], ...]
-    peer_set: str
 
 
 def _rule_key(rule: Rule) -> tuple[str, str, str, str, tuple[tuple[int, int], ...]]:

@@ -1,21 +1,31 @@
-"""Renders MeshGraph state as wire messages (JSON text): the full network map, and deltas.
+"""Renders MeshGraph state as wire messages (JSON text) of the map contract (starling_proto.netmap).
 
 A stream remembers the `SentState` it last delivered; a delta is the difference between that and the
 graph now, so a burst of changes coalesces into one message by construction. Peer entries and rule
 sets are encoded once and cached (by info revision and by set mask), because one peer's entry
-appears in thousands of maps.
+appears in thousands of maps; the contract's `full_json`/`delta_json` put the pieces together.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from coordinator.engine.bits import bit_list
 from coordinator.engine.graph import MeshGraph, PeerNode, Rule
+from starling_proto.netmap import (
+    DnsConfig,
+    MapDelta,
+    PeerEntry,
+    RelayCredential,
+    SelfEntry,
+    SignalConfig,
+    delta_json,
+    full_json,
+    relays_json,
+)
+from starling_proto.wire import dumps as _dumps
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+Relays = tuple[RelayCredential, ...]
 
 
 @dataclass(slots=True)
@@ -33,26 +43,26 @@ class SentState:
 class MapRenderer:
     def __init__(self, graph: MeshGraph) -> None:
         self.graph = graph
-        self._entries: dict[int, tuple[int, str, dict[str, Any], str]] = {}
+        self._entries: dict[int, tuple[int, str, PeerEntry, str]] = {}
         self._set_json: dict[int, str] = {}
         self._set_rev = -1
 
     # ----- pieces ------------------------------------------------------------------------
-    def entry(self, node: PeerNode) -> tuple[dict[str, Any], str]:
-        """A peer's public entry as a dict and as encoded JSON (cached)."""
+    def entry(self, node: PeerNode) -> tuple[PeerEntry, str]:
+        """A peer's public entry, typed and encoded (cached)."""
         domain = self.graph.settings.dns_domain if self.graph.settings else ""
         cached = self._entries.get(node.slot)
         if cached is not None and cached[0] == node.info_rev and cached[1] == domain:
             return cached[2], cached[3]
-        entry = {
-            "id": node.id,
-            "name": node.name,
-            "public_key": node.public_key,
-            "mesh_ip": node.mesh_ip,
-            "allowed_ips": [node.mesh_ip + "/32"],
-            "dns_name": f"{node.name}.{domain}" if domain else node.name,
-        }
-        encoded = _dumps(entry)
+        entry = PeerEntry(
+            node.id,
+            node.name,
+            node.public_key,
+            node.mesh_ip,
+            (node.mesh_ip + "/32",),
+            f"{node.name}.{domain}" if domain else node.name,
+        )
+        encoded = _dumps(entry.to_wire())
         self._entries[node.slot] = (node.info_rev, domain, entry, encoded)
         return entry, encoded
 
@@ -73,67 +83,48 @@ class MapRenderer:
             self._set_json[mask] = cached
         return cached
 
-    @staticmethod
-    def rule(rule: Rule) -> dict[str, Any]:
-        return {
-            "policy_id": rule.policy_id,
-            "direction": rule.direction,
-            "action": "accept",
-            "protocol": rule.protocol,
-            "ports": [list(p) for p in rule.ports],
-            "peer_set": rule.peer_set,
-        }
-
     def sets_json(self, sets: dict[str, int]) -> str:
         return "{" + ",".join(f"{_dumps(name)}:{self.set_json(mask)}" for name, mask in sets.items()) + "}"
 
-    def dns(self) -> dict[str, Any]:
+    def dns(self) -> DnsConfig:
         settings = self.graph.settings
-        return {"domain": settings.dns_domain if settings else ""}
+        return DnsConfig(settings.dns_domain if settings else "")
 
-    def signal(self) -> dict[str, Any]:
+    def signal(self) -> SignalConfig:
         settings = self.graph.settings
-        return {"url": settings.signal_url if settings else ""}
+        return SignalConfig(settings.signal_url if settings else "")
 
-    def self_entry(self, node: PeerNode) -> dict[str, Any]:
+    def self_entry(self, node: PeerNode) -> SelfEntry:
         settings = self.graph.settings
-        entry = dict(self.entry(node)[0])
-        entry["mesh_prefix"] = settings.mesh_prefix if settings else ""
-        entry["approved"] = node.approved
-        return entry
+        e = self.entry(node)[0]
+        prefix = settings.mesh_prefix if settings else ""
+        return SelfEntry(e.id, e.name, e.public_key, e.mesh_ip, e.allowed_ips, e.dns_name, prefix, node.approved)
 
     # ----- messages ----------------------------------------------------------------------
-    def full(self, peer_id: str, relays: list[dict[str, Any]], sent: SentState | None = None) -> str:
+    def full(self, peer_id: str, relays: Relays, sent: SentState | None = None) -> str:
         """The complete map of one peer as JSON; updates `sent` to what this message delivers."""
         graph = self.graph
         node = graph.peers[peer_id]
         state = graph.maps[peer_id]
-        head = {
-            "type": "map",
-            "serial": state.serial,
-            "peer": self.self_entry(node),
-            "dns": self.dns(),
-            "signal": self.signal(),
-            "relays": relays,
-            "routes": [],
-        }
-        firewall = (
-            '{"default_action":"drop","rules":'
-            + _dumps([self.rule(r) for r in state.rules])
-            + ',"sets":'
-            + self.sets_json(state.sets)
-            + "}"
+        text = full_json(
+            serial=state.serial,
+            peer=self.self_entry(node),
+            dns=self.dns(),
+            signal=self.signal(),
+            relays=relays,
+            peers_json=self.entries_json(state.reach),
+            rules=state.rules,
+            sets_json=self.sets_json(state.sets),
         )
-        text = _dumps(head)[:-1] + ',"peers":' + self.entries_json(state.reach) + ',"firewall":' + firewall + "}"
         if sent is not None:
             self._remember(sent, peer_id, relays)
         return text
 
-    def delta(self, peer_id: str, relays: list[dict[str, Any]], sent: SentState) -> str | None:
+    def delta(self, peer_id: str, relays: Relays, sent: SentState) -> str | None:
         """What changed since `sent` as JSON (None when nothing did); a full map if history is gone."""
         graph = self.graph
         state = graph.maps[peer_id]
-        relays_key = _dumps(relays)
+        relays_key = relays_json(relays)
         if (
             sent.epoch == graph.epoch
             and state.serial == sent.serial
@@ -144,39 +135,32 @@ class MapRenderer:
         changed_info = graph.info_changed_since(sent.revision)
         if changed_info is None or sent.epoch != graph.epoch:
             return self.full(peer_id, relays, sent)
-        head: dict[str, Any] = {"type": "delta", "serial": state.serial, "base_serial": sent.serial}
-        parts: list[str] = []
         added = state.reach & ~sent.reach
         removed = sent.reach & ~state.reach
         updated = state.reach & sent.reach & changed_info
-        if added | updated:
-            parts.append('"peers_upsert":' + self.entries_json(added | updated))
-        if removed:
-            head["peers_remove"] = [graph.slot_ids[s] for s in bit_list(removed)]
-        if state.rules != sent.rules:
-            head["rules"] = [self.rule(r) for r in state.rules]
         replaced = {
             name: mask for name, mask in state.sets.items() if sent.sets.get(name) != mask or mask & changed_info
         }
-        if replaced:
-            parts.append('"sets_replace":' + self.sets_json(replaced))
-        dropped = [name for name in sent.sets if name not in state.sets]
-        if dropped:
-            head["sets_remove"] = dropped
         node = graph.peers[peer_id]
-        if graph.settings_rev != sent.settings_rev:
-            head["dns"] = self.dns()
-            head["signal"] = self.signal()
-            head["peer"] = self.self_entry(node)
-        elif node.info_rev > sent.revision:
-            head["peer"] = self.self_entry(node)
-        if relays_key != sent.relays_key:
-            head["relays"] = relays
+        settings_changed = graph.settings_rev != sent.settings_rev
+        head = MapDelta(
+            serial=state.serial,
+            base_serial=sent.serial,
+            peers_remove=tuple(graph.slot_ids[s] for s in bit_list(removed)) if removed else (),
+            rules=state.rules if state.rules != sent.rules else None,
+            sets_remove=tuple(name for name in sent.sets if name not in state.sets),
+            peer=self.self_entry(node) if settings_changed or node.info_rev > sent.revision else None,
+            dns=self.dns() if settings_changed else None,
+            signal=self.signal() if settings_changed else None,
+            relays=relays if relays_key != sent.relays_key else None,
+        )
+        upserts = self.entries_json(added | updated) if added | updated else ""
         self._remember(sent, peer_id, relays)
-        text = _dumps(head)
-        return text[:-1] + "," + ",".join(parts) + "}" if parts else text
+        return delta_json(
+            head, peers_upsert_json=upserts, sets_replace_json=self.sets_json(replaced) if replaced else ""
+        )
 
-    def _remember(self, sent: SentState, peer_id: str, relays: list[dict[str, Any]]) -> None:
+    def _remember(self, sent: SentState, peer_id: str, relays: Relays) -> None:
         state = self.graph.maps[peer_id]
         sent.epoch = self.graph.epoch
         sent.serial = state.serial
@@ -185,4 +169,4 @@ class MapRenderer:
         sent.rules = state.rules
         sent.sets = dict(state.sets)
         sent.settings_rev = self.graph.settings_rev
-        sent.relays_key = _dumps(relays)
+        sent.relays_key = relays_json(relays)

@@ -32,6 +32,7 @@ from coordinator.store.database import is_unique_violation
 from coordinator.store.models import AuditEvent, Group, MeshSettings, Peer, Policy
 from coordinator.throttle import AuthThrottle
 from coordinator.turn import relay_credentials
+from starling_proto.netmap import RelayCredential
 
 if TYPE_CHECKING:
     from coordinator.secrets import SecretSource
@@ -300,10 +301,10 @@ class Coordinator:
         return {"changed": changed, "restart_required": restart}
 
     # ----- reads used by several services -----------------------------------------------------
-    def relays_for(self, peer_name: str) -> list[dict[str, Any]]:
+    def relays_for(self, peer_name: str) -> tuple[RelayCredential, ...]:
         settings = self.graph.settings
         if settings is None:
-            return []
+            return ()
         return relay_credentials(self.turn_secret, peer_name, settings.turn_servers, settings.credential_ttl)
 
     def render_full(self, peer_id: str) -> str:

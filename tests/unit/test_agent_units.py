@@ -20,6 +20,7 @@ from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
 from agent.wg.backend import PeerConfig, WireGuardError
 from agent.wg.kernel import KernelBackend
 from agent.wg.uapi import key_to_hex, parse_get, peer_lines
+from starling_proto.netmap import parse_map_message
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 
@@ -54,11 +55,15 @@ def test_uapi_lines_and_parse() -> None:
         peer_lines(PeerConfig(KEY, ("100.64.0.2/32\nprivate_key=00",)))
 
 
+def wire_key(i: int, salt: int = 0) -> str:
+    return base64.b64encode(bytes([i, salt] * 16)).decode()
+
+
 def entry(i: int, key: str | None = None) -> dict[str, Any]:
     return {
         "id": f"p{i}",
         "name": f"n{i}",
-        "public_key": key or f"k{i}",
+        "public_key": key or wire_key(i),
         "mesh_ip": f"100.64.0.{i}",
         "allowed_ips": [f"100.64.0.{i}/32"],
         "dns_name": f"n{i}.mesh",
@@ -69,7 +74,7 @@ def full(serial: int, peers: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "type": "map",
         "serial": serial,
-        "peer": {"mesh_ip": "100.64.0.1", "mesh_prefix": "100.64.0.0/16"},
+        "peer": {**entry(1), "mesh_prefix": "100.64.0.0/16"},
         "peers": peers,
         "firewall": {"rules": [], "sets": {}},
         "dns": {},
@@ -80,25 +85,28 @@ def full(serial: int, peers: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_network_map_applies_full_and_delta_and_detects_gaps() -> None:
     m = NetworkMap()
-    change = m.apply(full(5, [entry(2), entry(3)]))
+    change = m.apply(parse_map_message(full(5, [entry(2), entry(3)])))
     assert set(change.added) == {"p2", "p3"} and change.full
+    k3new = wire_key(3, 1)
     change = m.apply(
-        {
-            "type": "delta",
-            "serial": 6,
-            "base_serial": 5,
-            "peers_upsert": [entry(4), entry(3, "k3new")],
-            "peers_remove": ["p2"],
-        }
+        parse_map_message(
+            {
+                "type": "delta",
+                "serial": 6,
+                "base_serial": 5,
+                "peers_upsert": [entry(4), entry(3, k3new)],
+                "peers_remove": ["p2"],
+            }
+        )
     )
     assert set(change.added) == {"p4"} and set(change.removed) == {"p2"}
-    assert change.changed["p3"][1]["public_key"] == "k3new"
+    assert change.changed["p3"][1].public_key == k3new
     assert m.serial == 6
-    nothing = m.apply({"type": "delta", "serial": 7, "base_serial": 6})
+    nothing = m.apply(parse_map_message({"type": "delta", "serial": 7, "base_serial": 6}))
     assert not nothing
     with pytest.raises(MapGap):
-        m.apply({"type": "delta", "serial": 9, "base_serial": 8})
-    again = m.apply(full(10, [entry(3, "k3new"), entry(4)]))
+        m.apply(parse_map_message({"type": "delta", "serial": 9, "base_serial": 8}))
+    again = m.apply(parse_map_message(full(10, [entry(3, k3new), entry(4)])))
     assert not again.added and not again.removed and not again.changed  # reconnect: nothing to touch
 
 

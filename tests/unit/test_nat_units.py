@@ -19,7 +19,9 @@ from agent.nat.ice import IceParams, SelectedPair, usable_remote
 from agent.nat.reflexive import snat_table
 from agent.nat.relay import PairProxy, is_stun
 from agent.nat.stun import StunError, binding, parse_server
+from agent.netmap import NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection, rank
+from starling_proto.netmap import RelayCredential
 
 LAN = [ipaddress.IPv4Network("198.18.5.0/24")]
 
@@ -69,9 +71,7 @@ class _FakeAgent:
     def __init__(self, public_key: str) -> None:
         self.public_key = public_key
         self.signal = None
-        self.map = type(
-            "M", (), {"relays": [{"urls": ["turn:198.19.0.1:3478?transport=udp"], "username": "u", "password": "p"}]}
-        )()
+        self.map = NetworkMap(relays=(RelayCredential(("turn:198.19.0.1:3478?transport=udp",), "u", "p"),))
 
 
 def test_fallback_starts_only_after_direct_candidates_had_their_time() -> None:

@@ -30,7 +30,8 @@ def test_turn_credentials_are_stable_within_a_window_and_keep_half_the_ttl() -> 
     for now in range(1_000_000, 1_001_000, 37):
         expiry, renew_at = credential_window(600, now)
         assert expiry - now >= 300 and now < renew_at <= now + 300
-    assert relay_credentials("s", "web1", [], 600) == []
+    assert relay_credentials("s", "web1", [], 600) == ()
+    assert a[0].urls == tuple(servers) and a[0].username.endswith(":web1") and a[0].expires_at - 999_900 >= 300
 
 
 def test_ip_allocation_never_hands_out_a_used_address() -> None:
