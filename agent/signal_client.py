@@ -5,7 +5,7 @@ end-to-end encrypted messages (offers, answers, candidates) with other peers thr
 backoff with full jitter between attempts (0.2 s doubling to a 10 s cap; reset once connected; capped
 at 1 s for 30 s after signal announced a restart with close 1012/1001). Incoming boxes are opened with
 `SignalCrypto`; bad ones are logged and counted in `stats`, never raised. See docs/signal.md.
-Shares no code with the coordinator: the wire protocol is the contract.
+The frames are the contract in `starling_proto.signal`, shared with the signal service.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import secrets
 import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -29,6 +28,21 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from agent import __version__
 from agent.signal_crypto import SignalCrypto, SignalCryptoError
+from starling_proto.signal import (
+    CLOSE_GOING_AWAY,
+    CLOSE_REPLACED,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_UNAUTHORIZED,
+    MAX_FRAME_LIMIT,
+    MAX_ID_CHARS,
+    FrameError,
+    Msg,
+    Offline,
+    SendFrame,
+    ServerError,
+    Welcome,
+    parse_server_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +50,7 @@ TokenProvider = Callable[[], Awaitable[str]]
 MessageHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 OfflineHandler = Callable[[str, str], Awaitable[None]]
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_SERVICE_RESTART = 1012
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_REPLACED = 4409
-MAX_ID_CHARS = 64
-MAX_INBOUND_BYTES = 16 * 1024 * 1024 + 64 * 1024  # the largest max_frame signal accepts, plus framing
+MAX_INBOUND_BYTES = MAX_FRAME_LIMIT + 64 * 1024  # the largest max_frame signal accepts, plus framing
 STAT_KEYS = (
     "connects",
     "sent",
@@ -56,78 +65,6 @@ STAT_KEYS = (
     "errors",
     "callback_errors",
 )
-
-
-# ----- wire frames (server -> client) ------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Welcome:
-    peer: str
-    max_frame: int
-
-
-@dataclass(frozen=True, slots=True)
-class Msg:
-    sender: str
-    id: str
-    box: str
-
-
-@dataclass(frozen=True, slots=True)
-class Offline:
-    to: str
-    id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ServerError:
-    reason: str
-    id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
-    pass
-
-
-ServerFrame = Welcome | Msg | Offline | ServerError | Pong
-
-
-class FrameError(ValueError):
-    """A server frame this client does not understand."""
-
-
-def parse_server_frame(data: str | bytes) -> ServerFrame:
-    if isinstance(data, bytes):
-        raise FrameError("binary frame")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise FrameError("not JSON") from exc
-    if not isinstance(doc, dict):
-        raise FrameError("not a JSON object")
-
-    def text(name: str) -> str:
-        value = doc.get(name)
-        if not isinstance(value, str):
-            raise FrameError(f"{doc.get('type')!r} frame without string {name!r}")
-        return value
-
-    kind = doc.get("type")
-    if kind == "msg":
-        return Msg(sender=text("from"), id=text("id"), box=text("box"))
-    if kind == "offline":
-        return Offline(to=text("to"), id=text("id"))
-    if kind == "error":
-        msg_id = doc.get("id")
-        return ServerError(reason=text("reason"), id=msg_id if isinstance(msg_id, str) else None)
-    if kind == "pong":
-        return Pong()
-    if kind == "welcome":
-        max_frame = doc.get("max_frame")
-        if isinstance(max_frame, bool) or not isinstance(max_frame, int) or max_frame <= 0:
-            raise FrameError("welcome without a positive max_frame")
-        return Welcome(peer=text("peer"), max_frame=max_frame)
-    raise FrameError(f"unknown frame type {str(kind)[:32]!r}")
 
 
 def is_peer_key(value: str) -> bool:
@@ -261,7 +198,7 @@ class SignalClient:
         if ws is None:
             return False
         box = self._crypto.seal(to_pub, kind, body)
-        frame = json.dumps({"type": "send", "to": to_pub, "id": msg_id or secrets.token_hex(8), "box": box})
+        frame = SendFrame(to_pub, msg_id or secrets.token_hex(8), box).to_wire()
         size = len(frame.encode())
         if size > self._max_frame:
             raise ValueError(f"message too large for signal: {size} > {self._max_frame} bytes")

@@ -16,11 +16,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from coordinator.signal import protocol, session
+from coordinator.signal import session
 from coordinator.signal.auth import Authenticator, fetch_signing_key
 from coordinator.signal.broker import Broker
 from coordinator.signal.config import SignalConfig
 from coordinator.signal.metrics import SignalMetrics
+from starling_proto import signal as protocol
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from coordinator.signal.protocol import is_peer_key
 from coordinator.signing import TokenError, TokenVerifier
+from starling_proto.signal import is_peer_key
 
 log = logging.getLogger(__name__)
 

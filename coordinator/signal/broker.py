@@ -16,9 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from coordinator.signal import protocol
 from coordinator.signal.metrics import SignalMetrics
 from coordinator.signal.ratelimit import TokenBucket
+from starling_proto import signal as protocol
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from coordinator.configfile import ConfigError as ConfigError  # re-exported for callers
 from coordinator.configfile import load_yaml_config
+from starling_proto.signal import MAX_FRAME_LIMIT
 
 
 class _Strict(BaseModel):
@@ -33,7 +34,7 @@ class TlsConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_frame_bytes: int = Field(64 * 1024, ge=1024, le=MAX_FRAME_LIMIT)
     rate: float = Field(50.0, gt=0)
     burst: int = Field(100, ge=1)
     abuse_drops: int = Field(1000, ge=1, description="rate-limited frames within 10 s that close the connection")

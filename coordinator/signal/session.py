@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from coordinator.signal import protocol
 from coordinator.signal.auth import AuthError, Identity
 from coordinator.signal.broker import Connection
 from coordinator.signal.ratelimit import AbuseCounter
+from starling_proto import signal as protocol
 
 if TYPE_CHECKING:
     from coordinator.signal.app import SignalService

@@ -516,7 +516,7 @@ async def test_persistent_abuse_is_disconnected(signal: SignalProcess, enroll: C
 async def test_a_second_connection_replaces_the_first(signal: SignalProcess, enroll: Callable[[], Peer]) -> None:
     alice, bob = enroll(), enroll()
     first = await raw(signal.ws_url, await alice.token())
-    assert (await frame(first)) == {"type": "welcome", "peer": alice.public, "max_frame": 65536}
+    assert (await frame(first)) == {"type": "welcome", "peer": alice.public, "max_frame": 65536, "version": 1}
     second = await raw(signal.ws_url, await alice.token())
     assert (await frame(second))["type"] == "welcome"
     assert await closed(first) == (4409, "replaced")
