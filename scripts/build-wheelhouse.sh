@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Build the wheelhouse the coordinator and signal roles install from (hosts need no package index).
+# Build the wheelhouse the coordinator, signal and agent roles install from (hosts need no package index).
 #
-# `pip wheel` of this project (with the `postgres` extra) and all its dependencies into
+# `pip wheel` of this project (with the `coordinator`, `signal` and `postgres` extras) and all its
+# dependencies into
 # .state/wheelhouse/, plus .state/wheelhouse.tar, a reproducible tar of those wheels (sorted
 # names, fixed times and owners: same wheels, same bytes) that the roles copy to the hosts in one
 # transfer (variable starling_coordinator_wheelhouse / starling_signal_wheelhouse).
 #
-# Reused when up to date: nothing is rebuilt when pyproject.toml, the sources of coordinator/ and
-# agent/ and the Python version are those of the last build (.state/wheelhouse/.fingerprint). When
+# Reused when up to date: nothing is rebuilt when pyproject.toml, the sources of coordinator/,
+# agent/ and starling_proto/ and the Python version are those of the last build (.state/wheelhouse/.fingerprint). When
 # only the sources changed, only the project's wheel is rebuilt, offline; dependencies are
 # fetched from the package index only when they are missing from the wheelhouse.
 #
@@ -24,7 +25,7 @@ TAR=$ROOT/.state/wheelhouse.tar
 # the project's wheel be rebuilt offline.
 BUILD_DEPS=$ROOT/.state/wheelhouse-build
 FINGERPRINT=$OUT/.fingerprint
-PROJECT_REQ=".[postgres]"
+PROJECT_REQ=".[coordinator,signal,postgres]"  # every host role installs from this one wheelhouse
 # Reproducible wheels (zip entry times) and archive.
 export SOURCE_DATE_EPOCH=315532800
 
@@ -41,7 +42,7 @@ fingerprint() {
         "$PYTHON" -c 'import sys, sysconfig; print(sys.version_info[:2], sysconfig.get_platform())'
         sha256sum pyproject.toml
         [[ -f README.md ]] && sha256sum README.md
-        find coordinator agent -type f \
+        find coordinator agent starling_proto -type f \
             -not -path '*/__pycache__/*' -not -name '*.pyc' -not -name '*.egg-info' -print0 |
             LC_ALL=C sort -z | xargs -0 sha256sum
     } | sha256sum | cut -d' ' -f1

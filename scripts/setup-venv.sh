@@ -23,8 +23,8 @@ if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
 fi
 
 if [[ ! -f $STAMP || pyproject.toml -nt $STAMP ]]; then
-    log "installing the project and its dev dependencies (pip install -e '.[dev]')"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+    log "installing the project, its server extras and dev dependencies (pip install -e '.[coordinator,signal,postgres,dev]')"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[coordinator,signal,postgres,dev]'
     touch "$STAMP"
     log "done"
 else

@@ -67,9 +67,20 @@ class MapRenderer:
         return entry, encoded
 
     def entries_json(self, mask: int) -> str:
-        by_slot = self.graph.by_slot
-        entry = self.entry
-        return "[" + ",".join(entry(n)[1] for s in bit_list(mask) if (n := by_slot[s]) is not None) + "]"
+        """The encoded entries of the peers in `mask` (the hot loop of rendering: cache hits inline)."""
+        by_slot, cache, entry = self.graph.by_slot, self._entries, self.entry
+        domain = self.graph.settings.dns_domain if self.graph.settings else ""
+        parts = []
+        for s in bit_list(mask):
+            node = by_slot[s]
+            if node is None:
+                continue
+            cached = cache.get(s)
+            if cached is not None and cached[0] == node.info_rev and cached[1] == domain:
+                parts.append(cached[3])
+            else:
+                parts.append(entry(node)[1])
+        return "[" + ",".join(parts) + "]"
 
     def set_json(self, mask: int) -> str:
         """The mesh IPs of a peer set, encoded; cached per mask until any peer's info changes."""

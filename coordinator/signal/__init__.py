@@ -1,10 +1,10 @@
 """Signal service (`starling-signal`): an authenticated WebSocket broker keyed by peer public key.
 
 It forwards end-to-end encrypted boxes (offers, answers, ICE candidates) between connected peers,
-stores nothing and runs as a separate process. Modules: `config` (YAML + env), `protocol` (wire
-frames), `auth` (tokens, signing key), `ratelimit` (token bucket), `broker` (connections and
-routing), `session` (one connection's lifetime), `metrics`, `app` (ASGI app), `cli`.
-The protocol is documented in docs/signal.md.
+stores nothing and runs as a separate process. Modules: `config` (YAML + env), `auth` (tokens,
+signing key), `ratelimit` (token bucket), `broker` (connections and routing), `session` (one
+connection's lifetime), `metrics`, `app` (ASGI app), `cli`. The wire frames are
+`starling_proto.signal`, documented in docs/signal.md.
 """
 
 from coordinator import __version__

@@ -42,7 +42,7 @@ options:
     type: path
     default: /usr/bin/python3
   requirement:
-    description: What pip installs, for example V(starling-mesh) or V(starling-mesh[postgres]).
+    description: What pip installs, for example V(starling-mesh) (the agent) or V(starling-mesh[coordinator,postgres]).
     type: str
     default: starling-mesh
   source:
@@ -81,7 +81,7 @@ EXAMPLES = r"""
 - name: Starling from it, into /opt/starling/venv
   starling.mesh.install:
     venv: /opt/starling/venv
-    requirement: starling-mesh[postgres]
+    requirement: starling-mesh[coordinator,postgres]
     archive: /opt/starling/wheelhouse.tar
 
 - name: Starling 0.1.0 from the package index
@@ -108,7 +108,7 @@ actions:
   returned: always
   type: list
   elements: str
-  sample: ["create the virtualenv", "unpack the wheelhouse", "pip install starling-mesh[postgres]"]
+  sample: ["create the virtualenv", "unpack the wheelhouse", "pip install starling-mesh[coordinator,postgres]"]
 """
 
 import glob
@@ -342,8 +342,8 @@ def main():
         supports_check_mode=True,
     )
     if not re.match(r"^starling-mesh(\[[a-z0-9,_-]+\])?$", module.params["requirement"]):
-        module.fail_json(msg="requirement must be starling-mesh, optionally with extras (starling-mesh[postgres]), "
-                             "not %r" % module.params["requirement"])
+        module.fail_json(msg="requirement must be starling-mesh, optionally with extras "
+                             "(starling-mesh[coordinator,postgres]), not %r" % module.params["requirement"])
     installer = Installer(module)
     before = installed_version(installer.venv)
     if module.params["source"] == "wheelhouse":
