@@ -82,3 +82,15 @@ def test_server_commands_name_the_missing_extra() -> None:
         result = run_blocked(f"from coordinator.entry import {entry}; {entry}()")
         assert result.returncode == 2, result.stderr[-2000:]
         assert f"install 'starling-mesh[{extra}]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_signal_runs_with_only_its_extra() -> None:
+    """starling-signal's host gets `starling-mesh[signal]`: no database, no Vault client, no templates."""
+    coordinator_only = ("sqlalchemy", "alembic", "hvac", "jinja2", "psycopg")
+    code = (
+        "import sys; import coordinator.signal.app, coordinator.signal.cli\n"
+        "from coordinator.entry import signal_main; sys.argv = ['starling-signal', '--version']; signal_main()"
+    )
+    result = run_blocked(code, coordinator_only)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()  # the version
