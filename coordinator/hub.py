@@ -11,18 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from coordinator.engine.views import SentState
-from coordinator.turn import credential_window
-
-if TYPE_CHECKING:
-    from coordinator.service.core import Coordinator
+from coordinator.maps import Rendered
+from coordinator.metrics import Metrics
 
 log = logging.getLogger(__name__)
 COALESCE_SECONDS = 0.01
+
+
+class MapSource(Protocol):
+    """Where the hub gets what to send (coordinator.maps.MapService)."""
+
+    def is_member(self, peer_id: str) -> bool: ...
+
+    def render(self, peer_id: str, sent: SentState, *, full: bool) -> Rendered | None: ...
+
+    def renewal_in(self) -> float | None: ...
+
+
+Presence = Callable[[str, bool], None]  # mark a peer connected / disconnected (runs in a worker thread)
 
 
 class Subscription:
@@ -39,8 +49,11 @@ def sse(event: str, data: str, ident: int | None = None) -> str:
 
 
 class StreamHub:
-    def __init__(self, coord: Coordinator) -> None:
-        self.c = coord
+    def __init__(self, maps: MapSource, presence: Presence, metrics: Metrics, heartbeat: float) -> None:
+        self.maps = maps
+        self.presence = presence
+        self.metrics = metrics
+        self.heartbeat = heartbeat
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connected: dict[str, Subscription] = {}
 
@@ -49,6 +62,12 @@ class StreamHub:
 
     def connected_peers(self) -> int:
         return len(self.connected)
+
+    def connected_ids(self) -> set[str]:
+        return set(self.connected)
+
+    def is_connected(self, peer_id: str) -> bool:
+        return peer_id in self.connected
 
     # ----- wake-ups (any thread) ----------------------------------------------------------------
     def notify(self, peer_ids: set[str]) -> None:
@@ -76,22 +95,20 @@ class StreamHub:
             old.replaced = True
             old.wake.set()
         self.connected[peer_id] = sub
-        metrics = self.c.metrics
+        metrics = self.metrics
         metrics.stream_clients.inc()
-        await asyncio.to_thread(self.c.peers.mark_connected, peer_id, True)
+        await asyncio.to_thread(self.presence, peer_id, True)
         try:
             first = self._render(sub, full=True)
             if first is None:
                 return
             metrics.stream_messages.labels("map").inc()
             yield first
-            heartbeat = self.c.config.stream_heartbeat
             while True:
-                timeout = heartbeat
-                settings = self.c.graph.settings
-                if settings is not None and settings.turn_servers:
-                    _, renew_at = credential_window(settings.credential_ttl)
-                    timeout = max(0.05, min(timeout, renew_at - time.time() + 0.05))
+                timeout = self.heartbeat
+                renewal = self.maps.renewal_in()
+                if renewal is not None:
+                    timeout = max(0.05, min(timeout, renewal + 0.05))
                 woke = False
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
@@ -105,7 +122,7 @@ class StreamHub:
                     return
                 message = self._render(sub, full=False)
                 if message is None:
-                    if peer_id not in self.c.graph.peers:
+                    if not self.maps.is_member(peer_id):
                         yield sse("deleted", '{"reason":"peer was removed from the mesh"}')
                         return
                     if not woke:
@@ -125,21 +142,10 @@ class StreamHub:
         if peer_id in self.connected:  # a newer stream of the same peer took over meanwhile
             return
         try:
-            self.c.peers.mark_connected(peer_id, False)
+            self.presence(peer_id, False)
         except Exception:
             log.exception("could not mark peer %s disconnected", peer_id)
 
     def _render(self, sub: Subscription, *, full: bool) -> str | None:
-        c = self.c
-        with c.lock:
-            node = c.graph.peers.get(sub.peer_id)
-            if node is None:
-                return None
-            relays = c.relays_for(node.name)
-            if full:
-                return sse("map", c.renderer.full(sub.peer_id, relays, sub.sent), c.graph.maps[sub.peer_id].serial)
-            text = c.renderer.delta(sub.peer_id, relays, sub.sent)
-            if text is None:
-                return None
-            kind = "map" if text.startswith('{"type":"map"') else "delta"
-            return sse(kind, text, sub.sent.serial)
+        rendered = self.maps.render(sub.peer_id, sub.sent, full=full)
+        return None if rendered is None else sse(rendered.kind, rendered.text, rendered.serial)

@@ -22,6 +22,7 @@ from coordinator import __version__
 from coordinator.api import contract, routes_access, routes_admin, routes_peer
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import DomainError, RateLimited
+from coordinator.hub import StreamHub
 from coordinator.secrets import ensure_secrets, load_secret_source
 from coordinator.service.core import Coordinator
 from coordinator.store import Store
@@ -125,6 +126,7 @@ def build_coordinator(config: CoordinatorConfig) -> Coordinator:
         store.migrate()
     coord = Coordinator(config, store, secrets)
     coord.secret_source = source
+    coord.hub = StreamHub(coord.maps, coord.peers.mark_connected, coord.metrics, config.stream_heartbeat)
     coord.ensure_settings()
     coord.reload()
     return coord
@@ -138,8 +140,8 @@ async def maintenance(coord: Coordinator) -> None:
             await asyncio.to_thread(coord.sync_from_store)
             await asyncio.to_thread(coord.peers.expire_ephemeral)
             await asyncio.to_thread(coord.peers.purge_challenges)
-            coord.metrics.peers_total.set(len(coord.graph.peers))
-            coord.metrics.revision.set(coord.graph.revision)
+            coord.metrics.peers_total.set(coord.view.peer_count)
+            coord.metrics.revision.set(coord.view.revision)
         except Exception:  # keep the loop alive; the next round retries
             log.exception("maintenance round failed")
 
@@ -149,8 +151,11 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         instance: Coordinator = coord if coord is not None else await asyncio.to_thread(build_coordinator, config)
         app.state.coordinator = instance
+        if not isinstance(instance.hub, StreamHub):
+            raise RuntimeError("the coordinator has no stream hub: build it with build_coordinator()")
+        app.state.hub = instance.hub
         instance.hub.bind(asyncio.get_running_loop())
-        instance.metrics.peers_total.set(len(instance.graph.peers))
+        instance.metrics.peers_total.set(instance.view.peer_count)
         # Start-up objects (graph, caches, modules) never die: keep them out of every GC pass, so
         # collections stay short while thousands of streams are open.
         gc.collect()
@@ -179,14 +184,14 @@ def create_app(config: CoordinatorConfig, coord: Coordinator | None = None) -> F
     @app.get("/healthz", tags=["ops"])
     def healthz(request: Request) -> dict[str, Any]:
         c: Coordinator = request.app.state.coordinator
-        return {"status": "ok", "version": __version__, "revision": c.graph.revision, "peers": len(c.graph.peers)}
+        return {"status": "ok", "version": __version__, "revision": c.view.revision, "peers": c.view.peer_count}
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def metrics(request: Request) -> PlainTextResponse:
         c: Coordinator = request.app.state.coordinator
-        c.metrics.peers_total.set(len(c.graph.peers))
+        c.metrics.peers_total.set(c.view.peer_count)
         c.metrics.peers_connected.set(c.hub.connected_peers())
-        c.metrics.revision.set(c.graph.revision)
+        c.metrics.revision.set(c.view.revision)
         return PlainTextResponse(generate_latest(c.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(DomainError)

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coordinator.errors import Unauthorized
+from coordinator.hub import StreamHub
 from coordinator.service.core import Coordinator
 from coordinator.service.credentials import Caller
 
@@ -24,6 +25,14 @@ def get_coordinator(request: Request) -> Coordinator:
 
 
 Coord = Annotated[Coordinator, Depends(get_coordinator)]
+
+
+def get_hub(request: Request) -> StreamHub:
+    hub: StreamHub = request.app.state.hub
+    return hub
+
+
+Hub = Annotated[StreamHub, Depends(get_hub)]
 
 
 def _token(creds: HTTPAuthorizationCredentials | None) -> str:

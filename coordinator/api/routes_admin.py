@@ -59,9 +59,9 @@ def delete_peer(coord: Coord, caller: Writer, peer_id: str) -> Response:
 @router.get("/peers/{peer_id}/map", tags=["peers"], response_model=dict[str, Any])
 async def get_peer_map(coord: Coord, _: Reader, peer_id: str) -> Response:
     """The network map this peer receives (admin view, for debugging who-reaches-whom)."""
-    if peer_id not in coord.graph.peers:
+    text = await run_in_threadpool(coord.maps.full_json, peer_id)
+    if text is None:
         raise NotFound("peer", peer_id)
-    text = await run_in_threadpool(coord.render_full, peer_id)
     data = json.loads(text)
     for relay in data.get("relays", []):
         relay["password"] = "***"  # noqa: S105 - masking
@@ -72,12 +72,8 @@ async def get_peer_map(coord: Coord, _: Reader, peer_id: str) -> Response:
 def map_consistency(coord: Coord, _: Reader) -> dict[str, Any]:
     """Check that both ends of every path received matching rules (an out rule on one side has its
     in rule on the other, and every rule's peers are in the map). `violations` is empty when sound."""
-    from coordinator.engine.consistency import check_consistency
-
-    with coord.lock:
-        violations = check_consistency(coord.graph)
-        peers = len(coord.graph.peers)
-    return {"peers_checked": peers, "violations": [v.describe() for v in violations]}
+    result = coord.view.consistency()
+    return {"peers_checked": result.peers_checked, "violations": [v.describe() for v in result.violations]}
 
 
 # ----- groups -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from coordinator.api.deps import Coord, PeerAuth, client_address
+from coordinator.api.deps import Coord, Hub, PeerAuth, client_address
 from coordinator.errors import Forbidden, NotFound, Unauthorized
 from coordinator.schemas import (
     Challenge,
@@ -83,11 +83,11 @@ async def peer_map(coord: Coord, peer: PeerAuth) -> Response:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "SSE: `map`, then `delta` events"}},
 )
-async def peer_stream(coord: Coord, peer: PeerAuth) -> StreamingResponse:
+async def peer_stream(hub: Hub, peer: PeerAuth) -> StreamingResponse:
     """Server-Sent Events: `map` (full map) on connect, then `delta` events as the map changes,
     keep-alive comments, `closed`/`deleted` before the server ends the stream. See docs/api.md."""
     return StreamingResponse(
-        coord.hub.stream(peer[0]),
+        hub.stream(peer[0]),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -131,7 +131,7 @@ def change_key(coord: Coord, request: Request, peer: PeerAuth, body: SealedReque
 @router.post("/peer/signal-token", tags=["peer"])
 def signal_token(coord: Coord, peer: PeerAuth) -> SignalToken:
     """A short-lived token for the signal service, bound to this peer's WireGuard public key."""
-    node = coord.graph.peers.get(peer[0])
+    node = coord.view.peer(peer[0])
     if node is None:
         raise NotFound("peer", peer[0])
     ttl = coord.config.signal_token_ttl

@@ -162,8 +162,7 @@ class PeerRow:
 
 def peer_names(coord: Coordinator) -> dict[str, str]:
     """id -> name of every peer, from the in-memory graph (no store access)."""
-    with coord.lock:
-        return {pid: node.name for pid, node in coord.graph.peers.items()}
+    return coord.view.peer_names()
 
 
 def _row(r: Any, groups: list[str], names: dict[str, str], conn_limit: int | None) -> PeerRow:
@@ -276,8 +275,7 @@ def counts(coord: Coordinator) -> tuple[int, int]:
 
 
 def group_names(coord: Coordinator) -> list[str]:
-    with coord.lock:
-        return sorted(coord.graph.group_names.values())
+    return sorted(coord.view.group_names().values())
 
 
 # ----- the live feed's rows ------------------------------------------------------------------
@@ -309,7 +307,7 @@ def version(coord: Coordinator) -> Version:
                 func.max(Peer.connections_reported_at),
             )
         ).one()
-    return Version(coord.graph.revision, int(count), int(online), parse_time(last_seen), parse_time(reported))
+    return Version(coord.view.revision, int(count), int(online), parse_time(last_seen), parse_time(reported))
 
 
 RawRow = tuple[str, bool, Any, Any, Any]  # name, connected, last_seen, connections, reported (as fetched)
@@ -385,10 +383,7 @@ def mesh_view(coord: Coordinator, matrix_max: int = MATRIX_MAX) -> MeshView:
     paths: dict[str, dict[str, str]] = {
         r.id: {str(c.get("peer_id")): str(c.get("path")) for c in r.raw_connections} for r in chosen
     }
-    with coord.lock:
-        graph = coord.graph
-        slots = [graph.peers[r.id].slot if r.id in graph.peers else -1 for r in chosen]
-        reach = [graph.reach_of(r.id) for r in chosen]
+    reach = coord.view.reach_matrix([r.id for r in chosen])
     matrix: list[list[Cell]] = []
     edges: list[tuple[int, int, str]] = []
     for i, a in enumerate(chosen):
@@ -397,7 +392,7 @@ def mesh_view(coord: Coordinator, matrix_max: int = MATRIX_MAX) -> MeshView:
             if i == j:
                 line.append(Cell("self", False))
                 continue
-            allowed = slots[j] >= 0 and bool(reach[i] >> slots[j] & 1)
+            allowed = reach[i][j]
             reported = paths[a.id].get(b.id)
             line.append(Cell(reported or ("none" if allowed else "blocked"), allowed))
             back = paths[b.id].get(a.id)
@@ -471,6 +466,4 @@ def reachability(coord: Coordinator, peer_id: str, policy_names: dict[str, str])
 
 def peer_choices(coord: Coordinator) -> list[tuple[str, str, str]]:
     """(id, name, mesh ip) of every peer, by name, from the graph."""
-    with coord.lock:
-        items = [(n.id, n.name, n.mesh_ip) for n in coord.graph.peers.values()]
-    return sorted(items, key=lambda t: t[1])
+    return sorted(((n.id, n.name, n.mesh_ip) for n in coord.view.peers()), key=lambda t: t[1])

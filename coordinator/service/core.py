@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session
 
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
-from coordinator.engine.views import MapRenderer
+from coordinator.engine.meshview import MeshView
 from coordinator.errors import Conflict, Unavailable
 from coordinator.identity import Identity
+from coordinator.maps import MapService
 from coordinator.metrics import Metrics
 from coordinator.security import hash_secret
 from coordinator.signing import TokenSigner
@@ -31,7 +32,6 @@ from coordinator.store import Store
 from coordinator.store.database import is_unique_violation
 from coordinator.store.models import AuditEvent, Group, MeshSettings, Peer, Policy
 from coordinator.throttle import AuthThrottle
-from coordinator.turn import relay_credentials
 from starling_proto.netmap import RelayCredential
 
 if TYPE_CHECKING:
@@ -45,6 +45,39 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 GraphOp = Callable[[int], set[str]]
+
+
+class StreamNotifier(Protocol):
+    """Who is told that maps changed (coordinator.hub.StreamHub, attached by build_coordinator)."""
+
+    def notify(self, peer_ids: set[str]) -> None: ...
+
+    def notify_all(self) -> None: ...
+
+    def connected_ids(self) -> set[str]: ...
+
+    def is_connected(self, peer_id: str) -> bool: ...
+
+    def connected_peers(self) -> int: ...
+
+
+class NoStreams:
+    """Before streams are attached (and in tools that serve none): nobody to notify."""
+
+    def notify(self, peer_ids: set[str]) -> None:
+        pass
+
+    def notify_all(self) -> None:
+        pass
+
+    def connected_ids(self) -> set[str]:
+        return set()
+
+    def is_connected(self, peer_id: str) -> bool:
+        return False
+
+    def connected_peers(self) -> int:
+        return 0
 
 
 def utcnow() -> dt.datetime:
@@ -133,7 +166,6 @@ class Coordinator:
     settings: SettingsService
 
     def __init__(self, config: CoordinatorConfig, store: Store, secrets: dict[str, str]) -> None:
-        from coordinator.hub import StreamHub
         from coordinator.service.credentials import CredentialService
         from coordinator.service.groups import GroupService
         from coordinator.service.peers import PeerService
@@ -142,21 +174,23 @@ class Coordinator:
 
         self.config = config
         self.store = store
+        # The graph is written only here (write(), reload()); everyone else reads it through `view`
+        # (routes, dashboard, services) or `maps` (rendered maps, the stream hub's MapSource).
         self.graph = MeshGraph()
-        self.renderer = MapRenderer(self.graph)
         # write_lock orders whole writes (transaction + graph update); lock guards the graph for
         # readers (streams, renders) and is held only while the graph changes, not during SQL.
         self.write_lock = threading.RLock()
         self.lock = threading.RLock()
+        self.view = MeshView(self.graph, self.lock)
+        self.maps = MapService(self.graph, self.lock, secrets["turn_secret"])
         self.metrics = Metrics()
         self.signer = TokenSigner(secrets["signing_key"])
         self.identity = Identity(secrets["identity_key"], config.limits.challenge_ttl)
         self.identity_key = secrets["identity_key"]
         self.signing_key = secrets["signing_key"]
         self.secret_source: SecretSource | None = None  # set by build_coordinator: where reload_secrets reads
-        self.turn_secret = secrets["turn_secret"]
         self.admin_token_hash = hash_secret(secrets["admin_token"])
-        self.hub = StreamHub(self)
+        self.hub: StreamNotifier = NoStreams()  # build_coordinator attaches the stream hub
         self.started_at = time.time()
         self.peers = PeerService(self)
         self.groups = GroupService(self)
@@ -198,7 +232,7 @@ class Coordinator:
             snode = settings_node(settings)
         with self.lock:
             self.graph.load(snode, groups, policies, peers, revision)
-            self.renderer = MapRenderer(self.graph)
+            self.maps.reset()
             self.metrics.observe_compute(self.graph.last_stats.maps, time.perf_counter() - started, full=True)
         self.hub.notify_all()
         log.info("graph loaded: %d peers, %d policies, revision %d", len(peers), len(policies), revision)
@@ -258,7 +292,7 @@ class Coordinator:
         if tx.touch_all:
             self.graph.touch(set(self.graph.peers), revision)
         changed |= self.graph.take_touched()
-        changed |= {pid for pid in list(self.hub.connected) if pid not in self.graph.peers}  # removed: say goodbye
+        changed |= {pid for pid in self.hub.connected_ids() if pid not in self.graph.peers}  # removed: say goodbye
         self.metrics.observe_compute(len(affected), time.perf_counter() - started, full=False)
         self.hub.notify(changed)
 
@@ -277,7 +311,7 @@ class Coordinator:
         except SecretError as exc:
             raise Unavailable(f"cannot read the secrets: {exc}") from exc
         changed, restart = [], []
-        if values["turn_secret"] != self.turn_secret:
+        if values["turn_secret"] != self.maps.turn_secret:
             changed.append("turn_secret")
         if hash_secret(values["admin_token"]) != self.admin_token_hash:
             changed.append("admin_token")
@@ -291,23 +325,21 @@ class Coordinator:
             tx.audit("secrets.reload", "secrets", getattr(self.secret_source, "name", "?"), "", None, detail)
 
         self.write(actor, run)
-        self.turn_secret = values["turn_secret"]
+        self.maps.turn_secret = values["turn_secret"]
         self.admin_token_hash = hash_secret(values["admin_token"])
         if "identity_key" in changed:  # challenges issued under the old key stop working: agents fetch new ones
             self.identity = Identity(values["identity_key"], self.config.limits.challenge_ttl)
             self.identity_key = values["identity_key"]
         if "turn_secret" in changed:
-            self.hub.notify(set(self.hub.connected))
+            self.hub.notify_all()
         return {"changed": changed, "restart_required": restart}
 
     # ----- reads used by several services -----------------------------------------------------
     def relays_for(self, peer_name: str) -> tuple[RelayCredential, ...]:
-        settings = self.graph.settings
-        if settings is None:
-            return ()
-        return relay_credentials(self.turn_secret, peer_name, settings.turn_servers, settings.credential_ttl)
+        return self.maps.relays_for(peer_name)
 
     def render_full(self, peer_id: str) -> str:
-        with self.lock:
-            node = self.graph.peers[peer_id]
-            return self.renderer.full(peer_id, self.relays_for(node.name))
+        text = self.maps.full_json(peer_id)
+        if text is None:
+            raise KeyError(peer_id)
+        return text

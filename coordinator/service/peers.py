@@ -97,7 +97,7 @@ class PeerService:
 
     @property
     def domain(self) -> str:
-        settings = self.c.graph.settings
+        settings = self.c.view.settings
         return settings.dns_domain if settings else ""
 
     def _get(self, session: Session, peer_id: str) -> Peer:
@@ -195,7 +195,7 @@ class PeerService:
 
     def _refused(self, purpose: str, public_key: str, source: str, reason: str) -> None:
         """Audit a refused proof about an existing peer (a takeover attempt or a broken agent)."""
-        node = next((n for n in self.c.graph.peers.values() if n.public_key == public_key), None)
+        node = self.c.view.peer_by_key(public_key)
         if node is None:
             return
         action = "peer.login.refused" if purpose == "enroll" else "peer.key.refused"
@@ -273,7 +273,7 @@ class PeerService:
         name = self._unique_name(s, body.name or sanitize_peer_name(body.hostname), explicit=body.name is not None)
         # The graph holds every assigned address (writes are serialized); a replica racing us for the
         # same address hits the unique constraint and the enrollment fails cleanly with 409.
-        used = {n.mesh_ip for n in self.c.graph.peers.values()}
+        used = self.c.view.used_mesh_ips()
         try:
             mesh_ip = IpAllocator(parse_mesh_prefix(settings.mesh_prefix)).allocate(used)
         except PrefixError as exc:
@@ -333,8 +333,7 @@ class PeerService:
     def report_state(self, peer_id: str, report: StateReport) -> None:
         """Store the agent's connection report: only about peers in its own current map (422 naming the
         others, nothing stored), at most one per `limits.state_report_interval`."""
-        with self.c.lock:
-            in_map = self.c.graph.peers_in(self.c.graph.reach_of(peer_id))
+        in_map = self.c.view.map_members(peer_id)
         outside = sorted({c.peer_id for c in report.connections} - in_map)
         if outside:
             shown = ", ".join(repr(p) for p in outside[:5]) + (
@@ -429,7 +428,7 @@ class PeerService:
                 if p.last_seen is None or p.last_seen < cutoff
             ]
             for peer in stale:
-                if peer.id not in self.c.hub.connected:
+                if not self.c.hub.is_connected(peer.id):
                     self._delete(tx, peer, "peer.expire")
             return len(stale)
 

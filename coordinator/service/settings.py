@@ -82,7 +82,7 @@ class SettingsService:
             return settings_out(row)
 
         out = self.c.write(actor, run)
-        out.revision = self.c.graph.revision
+        out.revision = self.c.view.revision
         return out
 
     def audit(

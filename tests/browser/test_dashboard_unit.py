@@ -9,8 +9,8 @@ from coordinator.api.app import create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.dashboard import install
 from coordinator.dashboard.data import fmt_bytes, fmt_latency, fmt_time, iso, path_summary
-from coordinator.dashboard.routes import safe_next
 from coordinator.dashboard.session import SessionCodec, derive_key
+from coordinator.dashboard.web import safe_next
 
 
 def test_install_is_idempotent_and_stays_out_of_the_openapi_document(tmp_path: Path) -> None:
