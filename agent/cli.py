@@ -26,7 +26,8 @@ from agent import __version__
 from agent.client import CoordinatorError, enroll
 from agent.config import AgentConfig, AgentConfigError, AgentState, ensure_state_dir, load_config, save_config
 from agent.control import ControlError, call
-from agent.keys import FileKeySource, KeyError_, generate_private_key, make_key_source
+from agent.keys import FileKeySource, KeyError_, generate_private_key
+from agent.vault_keys import make_key_source
 from agent.wg import WireGuardError
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_NOT_RUNNING = 1, 2, 3, 4, 5

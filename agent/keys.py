@@ -1,7 +1,8 @@
 """Key sources: where the agent's WireGuard private key comes from.
 
 `KeySource` is the interface; `FileKeySource` keeps the key in a 0600 file (generated on first use);
-`agent.vault_keys.VaultKeySource` reads it from Vault/OpenBao KV v2 with AppRole. `load()` gives the
+`agent.vault_keys.VaultKeySource` reads it from Vault/OpenBao KV v2 with AppRole (`make_key_source` there
+picks one from agent.yaml's `key_source`). `load()` gives the
 key at start-up (a source may fall back to a cached copy); `reload()` asks the source again for key
 rotation and never falls back.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -103,14 +104,3 @@ class FileKeySource:
         if self.path.stat().st_mode & 0o077:
             raise KeyError_(f"private key file {self.path} is readable by others: chmod 600 it")
         return text
-
-
-def make_key_source(spec: dict[str, Any], state_dir: Path) -> KeySource:
-    kind = spec.get("type", "file")
-    if kind == "file":
-        return FileKeySource(Path(spec.get("path", state_dir / "private.key")))
-    if kind == "vault":
-        from agent.vault_keys import VaultKeySource
-
-        return VaultKeySource(spec, state_dir)
-    raise KeyError_(f"key_source.type {kind!r} is not supported (file, vault)")

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from agent.config import write_private
-from agent.keys import KeyError_, decode_key
+from agent.keys import FileKeySource, KeyError_, KeySource, decode_key
 
 log = logging.getLogger(__name__)
 
@@ -291,3 +291,13 @@ def _read_file(path: Path, option: str) -> str:
     if not value:
         raise KeyError_(f"key_source.{option} {path} is empty")
     return value
+
+
+def make_key_source(spec: dict[str, Any], state_dir: Path) -> KeySource:
+    """The key source agent.yaml's `key_source` names: `file` (default) or `vault`."""
+    kind = spec.get("type", "file")
+    if kind == "file":
+        return FileKeySource(Path(spec.get("path", state_dir / "private.key")))
+    if kind == "vault":
+        return VaultKeySource(spec, state_dir)
+    raise KeyError_(f"key_source.type {kind!r} is not supported (file, vault)")

@@ -40,7 +40,8 @@ from coordinator.errors import RateLimited, Unauthorized
 
 if TYPE_CHECKING:
     from coordinator.metrics import Metrics
-    from coordinator.service.core import Coordinator, Tx
+    from coordinator.service.context import ServiceContext
+    from coordinator.service.tx import Tx
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class AuthThrottle:
                 metrics.auth_throttled.labels(kind)
 
     @classmethod
-    def for_coordinator(cls, coord: Coordinator) -> AuthThrottle:
+    def for_coordinator(cls, coord: ServiceContext) -> AuthThrottle:
         """The throttle of a coordinator: its `limits:` config, its metrics, audit events through `write()`."""
         limits = coord.config.limits
         return cls(
@@ -219,7 +220,7 @@ class AuditWriter:
     with a log line; the warning that `AuthThrottle.failure` logs is written either way.
     """
 
-    def __init__(self, coord: Coordinator, maxsize: int = AUDIT_QUEUE) -> None:
+    def __init__(self, coord: ServiceContext, maxsize: int = AUDIT_QUEUE) -> None:
         self._coord = coord
         self._queue: queue.Queue[ThrottleEvent] = queue.Queue(maxsize)
         self._lock = threading.Lock()

@@ -33,7 +33,8 @@ from coordinator.dashboard.session import (
 )
 from coordinator.errors import Unauthorized
 from coordinator.security import hash_secret
-from coordinator.service.core import Coordinator, utcnow
+from coordinator.service.core import Coordinator
+from coordinator.service.tx import utcnow
 from coordinator.store.models import ApiToken
 
 log = logging.getLogger("coordinator.dashboard")

@@ -7,30 +7,30 @@ affected maps are recomputed, and connected streams are woken. A failed write ch
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator.config import CoordinatorConfig
-from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
+from coordinator.engine import MeshGraph
 from coordinator.engine.meshview import MeshView
 from coordinator.errors import Conflict, Unavailable
 from coordinator.identity import Identity
 from coordinator.maps import MapService
 from coordinator.metrics import Metrics
 from coordinator.security import hash_secret
+from coordinator.service.context import NoStreams, StreamNotifier
+from coordinator.service.tx import Tx, peer_node, policy_node, settings_node
 from coordinator.signing import TokenSigner
 from coordinator.store import Store
 from coordinator.store.database import is_unique_violation
-from coordinator.store.models import AuditEvent, Group, MeshSettings, Peer, Policy
+from coordinator.store.models import Group, MeshSettings, Peer, Policy
 from coordinator.throttle import AuthThrottle
 from starling_proto.netmap import RelayCredential
 
@@ -44,118 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-GraphOp = Callable[[int], set[str]]
-
-
-class StreamNotifier(Protocol):
-    """Who is told that maps changed (coordinator.hub.StreamHub, attached by build_coordinator)."""
-
-    def notify(self, peer_ids: set[str]) -> None: ...
-
-    def notify_all(self) -> None: ...
-
-    def connected_ids(self) -> set[str]: ...
-
-    def is_connected(self, peer_id: str) -> bool: ...
-
-    def connected_peers(self) -> int: ...
-
-
-class NoStreams:
-    """Before streams are attached (and in tools that serve none): nobody to notify."""
-
-    def notify(self, peer_ids: set[str]) -> None:
-        pass
-
-    def notify_all(self) -> None:
-        pass
-
-    def connected_ids(self) -> set[str]:
-        return set()
-
-    def is_connected(self, peer_id: str) -> bool:
-        return False
-
-    def connected_peers(self) -> int:
-        return 0
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-@dataclass
-class Tx:
-    """What one write collects: audit events and graph operations to apply after commit."""
-
-    session: Session
-    actor: str
-    graph_ops: list[GraphOp] = field(default_factory=list)
-    touch_all: bool = False
-    audits: list[AuditEvent] = field(default_factory=list)
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
-
-    def audit(
-        self,
-        action: str,
-        target_type: str,
-        target_id: str,
-        target_name: str = "",
-        before: dict[str, Any] | None = None,
-        after: dict[str, Any] | None = None,
-    ) -> None:
-        self.audits.append(
-            AuditEvent(
-                time=utcnow(),
-                actor=self.actor,
-                action=action,
-                target_type=target_type,
-                target_id=target_id,
-                target_name=target_name,
-                before=before,
-                after=after,
-            )
-        )
-
-    def graph(self, op: GraphOp) -> None:
-        self.graph_ops.append(op)
-
-
-def peer_node(peer: Peer) -> PeerNode:
-    return PeerNode(
-        id=peer.id,
-        name=peer.name,
-        public_key=peer.public_key,
-        mesh_ip=peer.mesh_ip,
-        approved=peer.approved,
-        groups=frozenset(g.id for g in peer.groups),
-    )
-
-
-def policy_node(pol: Policy) -> PolicyNode:
-    ends = pol.endpoints
-    return PolicyNode(
-        id=pol.id,
-        name=pol.name,
-        enabled=pol.enabled,
-        protocol=pol.protocol,
-        ports=tuple((int(a), int(b)) for a, b in pol.ports),
-        bidirectional=pol.bidirectional,
-        src_groups=frozenset(ends["sources"]["groups"]),
-        src_peers=frozenset(ends["sources"]["peers"]),
-        dst_groups=frozenset(ends["destinations"]["groups"]),
-        dst_peers=frozenset(ends["destinations"]["peers"]),
-    )
-
-
-def settings_node(row: MeshSettings) -> SettingsNode:
-    return SettingsNode(
-        mesh_prefix=row.mesh_prefix,
-        dns_domain=row.dns_domain,
-        turn_servers=tuple(row.turn_servers),
-        signal_url=row.signal_url,
-        credential_ttl=row.credential_ttl,
-    )
 
 
 class Coordinator:
@@ -287,7 +175,7 @@ class Coordinator:
         started = time.perf_counter()
         affected: set[str] = set()
         for op in tx.graph_ops:
-            affected |= op(revision)
+            affected |= op(self.graph, revision)
         changed = self.graph.recompute(affected, revision)
         if tx.touch_all:
             self.graph.touch(set(self.graph.peers), revision)

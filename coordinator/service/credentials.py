@@ -23,9 +23,10 @@ from coordinator.schemas import (
     TokenUpdate,
 )
 from coordinator.security import API_TOKEN_PREFIX, SETUP_KEY_PREFIX, hash_secret, new_id, new_secret
-from coordinator.service.core import Coordinator, Tx, utcnow
+from coordinator.service.context import ServiceContext
 from coordinator.service.lookup import group_ids, group_names, page
 from coordinator.service.peers import setup_key_state
+from coordinator.service.tx import Tx, utcnow
 from coordinator.store.models import ApiToken, SetupKey
 
 
@@ -77,7 +78,7 @@ def _public(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class CredentialService:
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: ServiceContext) -> None:
         self.c = coord
 
     # ----- authentication ---------------------------------------------------------------------

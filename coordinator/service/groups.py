@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from coordinator.errors import Conflict, NotFound
 from coordinator.schemas import GroupIn, GroupOut, GroupUpdate, Page
 from coordinator.security import new_id
-from coordinator.service.core import Coordinator, Tx, peer_node, utcnow
+from coordinator.service.context import ServiceContext
 from coordinator.service.lookup import page, peer_ids
+from coordinator.service.tx import Tx, peer_node, upsert_peer, utcnow
 from coordinator.store.models import Group, Peer, PeerGroup, Policy, SetupKey
 
 
@@ -34,7 +33,7 @@ def summary(session: Session, group: Group) -> dict[str, object]:
 
 
 class GroupService:
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: ServiceContext) -> None:
         self.c = coord
 
     def _get(self, session: Session, group_id: str) -> Group:
@@ -64,7 +63,7 @@ class GroupService:
             s.add(group)
             s.flush()
             gid = group.id
-            tx.graph(lambda _rev: self.c.graph.upsert_group(gid, body.name))
+            tx.graph(lambda g, _rev: g.upsert_group(gid, body.name))
             if body.peers is not None:
                 self._set_members(tx, group, body.peers)
             s.flush()
@@ -84,7 +83,7 @@ class GroupService:
                     raise Conflict(f"group {body.name!r} already exists", field="name")
                 group.name = body.name
                 name = body.name
-                tx.graph(lambda _rev: self.c.graph.upsert_group(group_id, name))
+                tx.graph(lambda g, _rev: g.upsert_group(group_id, name))
             if body.description is not None:
                 group.description = body.description
             if body.peers is not None:
@@ -114,7 +113,7 @@ class GroupService:
             before = summary(s, group)
             s.execute(delete(PeerGroup).where(PeerGroup.group_id == group_id))
             s.delete(group)
-            tx.graph(lambda _rev: self.c.graph.remove_group(group_id))
+            tx.graph(lambda g, _rev: g.remove_group(group_id))
             tx.audit("group.delete", "group", group_id, before["name"], before, None)  # type: ignore[arg-type]
 
         self.c.write(actor, run)
@@ -132,4 +131,4 @@ class GroupService:
             peer = s.get(Peer, pid)
             assert peer is not None
             s.refresh(peer, ["groups"])
-            tx.graph(partial(self.c.graph.upsert_peer, peer_node(peer)))
+            tx.graph(upsert_peer(peer_node(peer)))

@@ -28,8 +28,9 @@ from coordinator.schemas import (
     sanitize_peer_name,
 )
 from coordinator.security import PEER_CREDENTIAL_PREFIX, hash_secret, new_id, new_secret
-from coordinator.service.core import Coordinator, Tx, peer_node, utcnow
+from coordinator.service.context import ServiceContext
 from coordinator.service.lookup import group_ids, page
+from coordinator.service.tx import Tx, peer_node, upsert_peer, utcnow
 from coordinator.store.models import ConsumedChallenge, Group, MeshSettings, Peer, PeerGroup, Policy, SetupKey
 from starling_proto.seal import OpenedRequest, Purpose, SealError, open_request
 
@@ -90,7 +91,7 @@ def payload_of(model: type[P], opened: OpenedRequest) -> P:
 
 
 class PeerService:
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: ServiceContext) -> None:
         self.c = coord
         self._last_report: dict[str, float] = {}
         self._events: dict[str, list[float]] = {}
@@ -145,8 +146,7 @@ class PeerService:
             s.refresh(peer, ["groups"])
             after = summary(peer)
             if after != before:
-                node = peer_node(peer)
-                tx.graph(lambda rev: self.c.graph.upsert_peer(node, rev))
+                tx.graph(upsert_peer(peer_node(peer)))
                 tx.audit("peer.update", "peer", peer.id, peer.name, before, after)
             return peer_out(peer, self.domain)
 
@@ -171,7 +171,7 @@ class PeerService:
                 tx.audit("policy.update", "policy", pol.id, pol.name, None, {"removed_peer": peer.name})
         s.delete(peer)
         peer_id = peer.id
-        tx.graph(lambda _rev: self.c.graph.remove_peer(peer_id))
+        tx.graph(lambda g, _rev: g.remove_peer(peer_id))
         tx.audit(action, "peer", peer.id, peer.name, before, None)
 
     # ----- proof of possession ----------------------------------------------------------------
@@ -301,8 +301,7 @@ class PeerService:
         s.add_all(PeerGroup(peer_id=peer.id, group_id=g) for g in key.auto_groups if g in existing_groups)
         s.flush()
         s.refresh(peer, ["groups"])
-        node = peer_node(peer)
-        tx.graph(lambda rev: self.c.graph.upsert_peer(node, rev))
+        tx.graph(upsert_peer(peer_node(peer)))
         tx.audit(
             "peer.enroll", "peer", peer.id, peer.name, None, {**summary(peer), "setup_key": key.name, "source": source}
         )
@@ -402,8 +401,7 @@ class PeerService:
             before = {"public_key": peer.public_key}
             peer.public_key = new_key
             s.flush()
-            node = peer_node(peer)
-            tx.graph(lambda rev: self.c.graph.upsert_peer(node, rev))
+            tx.graph(upsert_peer(peer_node(peer)))
             tx.audit("peer.key.rotate", "peer", peer.id, peer.name, before, detail)
             return peer_out(peer, self.domain)
 

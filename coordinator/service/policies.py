@@ -19,8 +19,9 @@ from coordinator.schemas import (
     parse_port,
 )
 from coordinator.security import new_id
-from coordinator.service.core import Coordinator, Tx, policy_node, utcnow
+from coordinator.service.context import ServiceContext
 from coordinator.service.lookup import group_ids, group_names, page, peer_ids, peer_names
+from coordinator.service.tx import Tx, policy_node, utcnow
 from coordinator.store.models import Policy
 
 
@@ -62,7 +63,7 @@ def normalize_ports(ports: list[int | str]) -> list[list[int]]:
 
 
 class PolicyService:
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: ServiceContext) -> None:
         self.c = coord
 
     def _get(self, session: Session, policy_id: str) -> Policy:
@@ -105,7 +106,7 @@ class PolicyService:
             s.add(pol)
             s.flush()
             node = policy_node(pol)
-            tx.graph(lambda _rev: self.c.graph.upsert_policy(node))
+            tx.graph(lambda g, _rev: g.upsert_policy(node))
             tx.audit("policy.create", "policy", pol.id, pol.name, None, summary(s, pol))
             return policy_out(s, pol)
 
@@ -140,7 +141,7 @@ class PolicyService:
             after = summary(s, pol)
             if after != before:
                 node = policy_node(pol)
-                tx.graph(lambda _rev: self.c.graph.upsert_policy(node))
+                tx.graph(lambda g, _rev: g.upsert_policy(node))
                 tx.audit("policy.update", "policy", pol.id, pol.name, before, after)
             return policy_out(s, pol)
 
@@ -152,7 +153,7 @@ class PolicyService:
             pol = self._get(s, policy_id)
             before = summary(s, pol)
             s.delete(pol)
-            tx.graph(lambda _rev: self.c.graph.remove_policy(policy_id))
+            tx.graph(lambda g, _rev: g.remove_policy(policy_id))
             tx.audit("policy.delete", "policy", policy_id, pol.name, before, None)
 
         self.c.write(actor, run)

@@ -10,7 +10,8 @@ from sqlalchemy import select
 from coordinator.errors import Conflict, Invalid
 from coordinator.ipam import PrefixError, parse_mesh_prefix
 from coordinator.schemas import AuditOut, Page, SettingsOut, SettingsUpdate
-from coordinator.service.core import Coordinator, Tx, settings_node
+from coordinator.service.context import ServiceContext
+from coordinator.service.tx import Tx, settings_node
 from coordinator.store.models import AuditEvent, MeshSettings, Peer
 
 AUDIT_MAX_PAGE = 1000
@@ -30,7 +31,7 @@ def settings_out(row: MeshSettings) -> SettingsOut:
 
 
 class SettingsService:
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: ServiceContext) -> None:
         self.c = coord
 
     def get(self) -> SettingsOut:
@@ -75,7 +76,7 @@ class SettingsService:
             after = settings_out(row).model_dump(exclude={"revision"})
             if after != before:
                 node = settings_node(row)
-                tx.graph(lambda rev: self.c.graph.set_settings(node, rev))
+                tx.graph(lambda g, rev: g.set_settings(node, rev))
                 tx.touch_all = True
                 tx.audit("settings.update", "settings", "mesh", "mesh", before, after)
             s.flush()

@@ -6,22 +6,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from coordinator.signal.auth import AuthError, Identity
-from coordinator.signal.broker import Connection
+from coordinator.signal.auth import Authenticator, AuthError, Identity
+from coordinator.signal.broker import Broker, Connection
+from coordinator.signal.config import SignalConfig
+from coordinator.signal.metrics import SignalMetrics
 from coordinator.signal.ratelimit import AbuseCounter
 from starling_proto import signal as protocol
-
-if TYPE_CHECKING:
-    from coordinator.signal.app import SignalService
 
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT = 5.0
+
+
+class SignalService(Protocol):
+    """What a session needs from the process that serves it (coordinator.signal.app.SignalService)."""
+
+    config: SignalConfig
+    metrics: SignalMetrics
+    broker: Broker
+    authenticator: Authenticator | None
 
 
 async def _deny(ws: WebSocket, status: int, reason: str) -> None:
