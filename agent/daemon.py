@@ -398,9 +398,11 @@ class Agent(PeerLinks, KeyRotation):
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(0.5)
+            now, mono = time.time(), time.monotonic()  # before the reading: see PeerConnection.observe
             stats = await asyncio.to_thread(self._wg_peers_safe)
-            now, mono = time.time(), time.monotonic()
-            hosts = sorted(c.address for c in await asyncio.to_thread(self.host_candidates) if c.kind == "host")
+            # Read afresh (not the 2 s offer cache): roaming is noticed within one pass.
+            current = await asyncio.to_thread(self.host_candidates, 0.0)
+            hosts = sorted(c.address for c in current if c.kind == "host")
             if self._offered_hosts is not None and hosts != self._offered_hosts:
                 self.nat_wakeup.set()  # new underlay address: learn the new public mapping too
                 # Connections made from an address we no longer have are dead, though TCP has not
@@ -414,6 +416,9 @@ class Agent(PeerLinks, KeyRotation):
                     # forgets it, and the keepalive that follows reopens our NAT for the peer.
                     for conn in list(self.conns.values()):
                         await self.nudge(conn)
+                        # Until the peer sends to our new address, its NAT drops what we send: the
+                        # old handshake proves nothing now. Prove the path again, or fall back.
+                        conn.reverify(time.time(), time.monotonic(), self.fallback.controlling(conn))
                 self._offered_hosts = hosts
                 await self._reoffer_all("underlay addresses changed")
             self._offered_hosts = hosts
@@ -437,11 +442,21 @@ class Agent(PeerLinks, KeyRotation):
 
     async def _watch_peer(self, conn: PeerConnection, st: Any, now: float, mono: float) -> None:
         """One watchdog pass for one peer: path state from WireGuard, fallback, re-offers."""
-        was = conn.state
-        endpoint = conn.observe(st.last_handshake, st.rx_bytes, st.tx_bytes, st.endpoint, now)
+        was, verifying = conn.state, conn.verify_since
+        endpoint = conn.observe(st.last_handshake, st.rx_bytes, st.tx_bytes, st.endpoint, now, taken=mono)
+        if verifying and not conn.verify_since:
+            if conn.state == PathState.DIRECT:
+                log.info("%s: path via %s confirmed after the change", conn.name, conn.endpoint)
+            elif conn.state == PathState.LOST:
+                log.warning("%s: %s: path lost, trying the candidates and ICE", conn.name, conn.last_error)
         entry = self.map.peers.get(conn.peer_id)
         if endpoint is not None and entry is not None:
             await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
+        elif conn.kick_due(time.monotonic()) and conn.endpoint:
+            # No proof yet: re-create the peer, which sends a handshake initiation at once (WireGuard
+            # itself would retry only after 5 s, and never while its old session looks valid).
+            log.info("%s: no handshake since the path changed: forcing one to %s", conn.name, conn.endpoint)
+            await self.point_wireguard(conn, conn.endpoint, fresh=True)
         if conn.proxied and conn.state == PathState.LOST and was != PathState.LOST:
             await self.fallback.path_lost(conn)
         await self.fallback.tick(conn, mono)

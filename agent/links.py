@@ -78,10 +78,10 @@ class PeerLinks:
             log.error("WireGuard: %s", exc)
 
     # ----- candidates and signal --------------------------------------------------------------
-    def host_candidates(self) -> list[Candidate]:
-        """Our host candidates (cached for 2 s: offers to many peers must not each open netlink)."""
+    def host_candidates(self, max_age: float = 2.0) -> list[Candidate]:
+        """Our host candidates (cached for `max_age` s: offers to many peers must not each open netlink)."""
         at, cached = self._candidates
-        if time.monotonic() - at < 2.0:
+        if time.monotonic() - at < max_age:
             return cached
         addrs = netlink.local_addresses({self.backend.interface}, [MESH])
         cands = [
@@ -109,6 +109,9 @@ class PeerLinks:
     async def _nat(self) -> None:
         """Keep the WireGuard port's public mapping known; re-offer to every peer when it changes."""
         while True:
+            # Cleared before learning, not after: a wakeup while a probe is under way (roaming: the
+            # new address appeared first, the old one went while we asked through it) must not be lost.
+            self.nat_wakeup.clear()
             servers = self.stun_servers()
             if servers:
                 before = self.reflexive.address
@@ -116,7 +119,6 @@ class PeerLinks:
                 if self.reflexive.address != before:
                     self._candidates = (0.0, [])
                     await self._reoffer_all("public address changed")
-            self.nat_wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(NAT_REFRESH):
                     await self.nat_wakeup.wait()
@@ -149,14 +151,17 @@ class PeerLinks:
             await self._wg(self.backend.remove_peer, conn.public_key)
         await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
 
-    async def nudge(self, conn: PeerConnection) -> None:
-        """Make WireGuard send one keepalive to the peer now (it sends one when keepalive goes 0 -> n)."""
+    async def nudge(self, conn: PeerConnection, endpoint: str | None = None) -> None:
+        """Make WireGuard send one keepalive to the peer now (it sends one when keepalive goes 0 -> n),
+        to `endpoint` (default: the connection's). The endpoint is read once: both updates must
+        carry the same one, whatever changes `conn.endpoint` while the first is being applied."""
         entry = self.map.peers.get(conn.peer_id)
-        if entry is None or not conn.endpoint:
+        endpoint = endpoint or conn.endpoint
+        if entry is None or not endpoint:
             return
-        quiet = PeerConfig(entry.public_key, entry.allowed_ips, conn.endpoint, 0)
+        quiet = PeerConfig(entry.public_key, entry.allowed_ips, endpoint, 0)
         await self._wg(self.backend.set_peer, quiet)
-        await self._wg(self.backend.set_peer, self._peer_config(entry, conn.endpoint))
+        await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
 
     async def _reoffer_all(self, why: str) -> None:
         """Our candidates changed (roaming, new public mapping): tell every peer at once."""
@@ -209,8 +214,12 @@ class PeerLinks:
         if conn.state in (PathState.DIRECT, PathState.RELAYED):
             # The peer moved (roaming, new public mapping): send to its new address now, which also
             # opens our NAT for it; an idle tunnel would otherwise wait for the next keepalive.
-            await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
-            await self.nudge(conn)
+            # The endpoint goes explicitly: a watchdog pass may meanwhile have read WireGuard's
+            # endpoint from before this change (the peer's old address, which then got the keepalive:
+            # the peer's pings died at our NAT's filter while both ends said "direct").
+            await self.nudge(conn, endpoint)
+            # The old handshake says nothing about the new address: prove it, or fall back.
+            conn.reverify(time.time(), time.monotonic(), self.fallback.controlling(conn))
             return
         if self.fallback.controlling(conn):
             await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))

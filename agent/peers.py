@@ -17,6 +17,19 @@ from typing import Any
 
 HANDSHAKE_FRESH = 180.0  # WireGuard rekeys every 120 s; no handshake for 180 s means the path is dead
 CANDIDATE_TIMEOUT = 3.0
+# After a change that may have broken a direct path under us (we roamed, the peer moved), an old
+# handshake proves nothing: the path must show a new handshake (or data from the peer) within
+# PATH_VERIFY, else it is lost, so that candidates, offers and ICE take over at once instead of
+# after HANDSHAKE_FRESH. Without proof, handshakes are forced every VERIFY_KICK from VERIFY_KICK on
+# (the controlled side half a period later: two initiations crossing each other stall both ends
+# for 5 s). Not sooner: re-creating the WireGuard peer drops packets of its old session in flight,
+# and traffic that resumes by itself is proof enough.
+PATH_VERIFY = 6.0
+VERIFY_KICK = 2.0
+# WireGuard's endpoint (where the peer's packets come from) replaces ours only this long after we
+# pointed WireGuard somewhere ourselves: a reading taken around our change may predate it, and
+# taking it would point WireGuard back at an address the peer has left.
+ENDPOINT_SETTLE = 2.0
 
 
 class PathState(enum.StrEnum):
@@ -103,6 +116,11 @@ class PeerConnection:
     offline_until: float = 0.0  # monotonic: signal said the peer is not connected (no ICE until then)
     stale_before: float = 0.0  # handshakes at or before this time belong to a path that was lost
     hold_until: float = 0.0  # monotonic: the peer just rotated its key; its first handshake is on the way
+    verify_since: float = 0.0  # wall time of a change the direct path must prove itself after (0: none)
+    verify_started: float = 0.0  # monotonic time of that change
+    verify_until: float = 0.0  # monotonic deadline of that proof
+    verify_rx: int = -1  # WireGuard's rx bytes in the first reading after the change (-1: none yet); more: proof
+    next_kick: float = 0.0  # monotonic: force a handshake then, while the proof is missing
     first_endpoint_at: float = 0.0  # monotonic time of the first direct attempt of this round
     wg_endpoint: str | None = None  # where WireGuard last heard from the peer
     proxied: bool = False  # WireGuard talks to a local proxy over an ICE pair (agent.nat.fallback)
@@ -148,19 +166,41 @@ class PeerConnection:
             self.set_state(PathState.CONNECTING)
         return self.endpoint
 
-    def observe(self, last_handshake: float, rx: int, tx: int, endpoint: str | None, now: float) -> str | None:
-        """Update from WireGuard stats; returns a new endpoint to try, or None."""
+    def reverify(self, now: float, mono: float, controlling: bool) -> None:
+        """Something changed under a working direct path (our addresses, the peer's): it must prove
+        itself again with a new handshake or data within PATH_VERIFY (see `observe`, `kick_due`)."""
+        if self.state != PathState.DIRECT or self.proxied or not self.endpoint:
+            return  # a proxied path is watched by the fallback (PROXY_SILENCE)
+        self.verify_since, self.verify_started, self.verify_until = now, mono, mono + PATH_VERIFY
+        self.verify_rx = -1
+        self.next_kick = mono + (VERIFY_KICK if controlling else 1.5 * VERIFY_KICK)
+
+    def kick_due(self, mono: float) -> bool:
+        """Time to force a handshake (re-create the WireGuard peer) to prove the path?"""
+        if not self.verify_since or mono < self.next_kick or not self.endpoint:
+            return False
+        self.next_kick = mono + VERIFY_KICK
+        return True
+
+    def observe(
+        self, last_handshake: float, rx: int, tx: int, endpoint: str | None, now: float, taken: float | None = None
+    ) -> str | None:
+        """Update from WireGuard stats (read at monotonic time `taken`); returns a new endpoint to try, or None."""
+        mono = time.monotonic()
+        verifying = self._verify(last_handshake, rx, mono, mono if taken is None else taken)
         self.last_handshake, self.rx_bytes, self.tx_bytes = last_handshake, rx, tx
         self.wg_endpoint = endpoint
         fresh = last_handshake > self.stale_before and now - last_handshake < HANDSHAKE_FRESH
         if fresh:
-            if endpoint:
+            if endpoint and (mono if taken is None else taken) - self.endpoint_set_at >= ENDPOINT_SETTLE:
                 self.endpoint = endpoint  # WireGuard roams to where the peer really is
             if self.set_state(PathState.RELAYED if self.proxied and self.relayed else PathState.DIRECT):
                 self.offer_backoff = 1.0
             return None
-        if time.monotonic() < self.hold_until:
+        if mono < self.hold_until:
             return None  # a key swap leaves WireGuard without a handshake for a round trip: not a loss
+        if verifying:
+            return None  # a forced handshake is on its way (the re-created peer has none yet)
         if self.state in (PathState.DIRECT, PathState.RELAYED):
             self.set_state(PathState.LOST)
             self.next_offer_at = 0.0
@@ -174,6 +214,24 @@ class PeerConnection:
                     self.set_state(PathState.CONNECTING)
                 return self._use(nxt)
         return None
+
+    def _verify(self, last_handshake: float, rx: int, mono: float, taken: float) -> bool:
+        """Advance a pending path proof; True while it is still pending. A missed deadline makes the
+        path's handshakes stale, so that `observe` treats the path as lost."""
+        if not self.verify_since:
+            return False
+        after = taken >= self.verify_started  # this reading was taken after the change
+        if self.proxied or self.state != PathState.DIRECT:
+            self.verify_since = 0.0  # the path changed meanwhile: whoever changed it watches it
+        elif last_handshake > self.verify_since or (after and 0 <= self.verify_rx < rx):
+            self.verify_since = 0.0  # proven
+        elif mono >= self.verify_until:
+            self.verify_since = 0.0
+            self.stale_before = max(self.stale_before, last_handshake)
+            self.last_error = f"no handshake or data from the peer within {PATH_VERIFY:g} s after the path changed"
+        elif after and (self.verify_rx < 0 or rx < self.verify_rx):
+            self.verify_rx = rx  # the baseline (again after a forced handshake restarted WireGuard's counters)
+        return bool(self.verify_since)
 
     def offer_due(self, mono_now: float) -> bool:
         """Time to (re)send our candidates? Backs off exponentially (with jitter) while not connected."""

@@ -230,11 +230,19 @@ def test_roaming_to_another_network_recovers(nat_mesh: Mesh) -> None:
     recovered = time.monotonic() - started
     assert nat_mesh.can_ping("e2", "e1")
     new_wan = lab.router("re1b").wan_ip
-    wait_for(
-        lambda: str(path_of(nat_mesh, "e2", "e1").get("endpoint", "")).startswith(new_wan + ":"),
-        10,
-        what="e2 sends to e1's new public address",
-    )
+    e1_key = nat_mesh.agents["e1"].status()["public_key"]
+
+    def e2_follows() -> bool:
+        # The agent's view and WireGuard's own endpoint: a stale WireGuard reading once put e1's old
+        # address back into WireGuard (while e1's pings died at e2's NAT and both ends said "direct").
+        wg = nat_mesh.agents["e2"].wg_dump().get(e1_key, [])
+        endpoint = str(path_of(nat_mesh, "e2", "e1").get("endpoint", ""))
+        return endpoint.startswith(new_wan + ":") and len(wg) > 2 and wg[2].startswith(new_wan + ":")
+
+    try:
+        wait_for(e2_follows, 10, what="e2 (and its WireGuard) sends to e1's new public address")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{nat_mesh.diagnose('e2', 'e1')}") from None
     print(f"roaming recovered after {recovered:.1f} s (goal 5 s; re-plugging took {moved:.1f} s)")
 
 
