@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, netlink
 from agent.client import CoordinatorError, PeerApi, enroll
@@ -36,9 +36,13 @@ from agent.nat.reflexive import ReflexiveProbe
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection
 from agent.rekey import KeyRotation
+from agent.status import ServiceStatus
 from agent.wg import WireGuardBackend
 from agent.wg.backend import WireGuardError
 from starling_proto.netmap import FullMap, MapMessage, PeerEntry, UnsupportedMapVersion, parse_map_message
+
+if TYPE_CHECKING:  # websockets is imported when signal starts
+    from agent.signal_client import SignalClient
 
 OLD_KEY_GRACE = 5.0  # s a neighbour's old key stays (without allowed IPs) after it rotated
 
@@ -51,21 +55,6 @@ def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Any:
     while True:
         yield random.uniform(0, delay)  # noqa: S311 - full jitter
         delay = min(delay * 2, cap)
-
-
-class ServiceStatus:
-    def __init__(self) -> None:
-        self.connected = False
-        self.last_error: str | None = None
-        self.since = time.time()
-
-    def set(self, connected: bool, error: str | None = None) -> None:
-        if connected != self.connected:
-            self.since = time.time()
-        self.connected, self.last_error = connected, error
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"connected": self.connected, "last_error": self.last_error, "since": self.since}
 
 
 class Agent(PeerLinks, KeyRotation):
@@ -85,7 +74,7 @@ class Agent(PeerLinks, KeyRotation):
         self.tls = config.tls_context()
         self.api = PeerApi(state.management_url, state.credential, verify=self.tls)
         self._last_relogin = -1e9
-        self.signal: Any = None
+        self.signal: SignalClient | None = None
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.remove_on_exit = False

@@ -22,12 +22,13 @@ from agent.nat.reflexive import ReflexiveProbe
 from agent.nat.stun import parse_server
 from agent.netmap import NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
+from agent.status import ServiceStatus
 from agent.wg import PeerConfig, WireGuardBackend, WireGuardError
 from starling_proto.netmap import PeerEntry
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # websockets is imported when signal starts
     from agent.client import PeerApi
-    from agent.daemon import ServiceStatus
+    from agent.signal_client import SignalClient
 
 log = logging.getLogger("starling.agent")
 MESH = ipaddress.IPv4Network("100.64.0.0/10")
@@ -47,7 +48,7 @@ class PeerLinks:
     conns: dict[str, PeerConnection]
     by_key: dict[str, str]
     pending: dict[str, tuple[float, list[Candidate]]]
-    signal: Any
+    signal: SignalClient | None
     signal_status: ServiceStatus
     map_ready: asyncio.Event
     port: int

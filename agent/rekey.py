@@ -20,12 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.client import CoordinatorError, PeerApi
 from agent.keys import KeyError_, KeySource, decode_key, public_key_of
 from agent.netmap import NetworkMap
 from agent.wg.backend import WireGuardBackend, WireGuardError
+
+if TYPE_CHECKING:  # websockets is imported when signal starts
+    from agent.signal_client import SignalClient
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class KeyRotation:
     by_key: dict[str, str]
     private_key: str
     public_key: str
-    signal: Any
+    signal: SignalClient | None
 
     _rekey_lock: asyncio.Lock
     _previous_private: str | None = None  # the key before the last switch (to repair a lost commit)

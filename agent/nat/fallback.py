@@ -26,14 +26,15 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.nat.stun import parse_server
-from agent.peers import PathState, PeerConnection
+from agent.peers import Candidate, PathState, PeerConnection
 
 if TYPE_CHECKING:  # aioice is imported on first use: it costs ~0.1 s of every agent start
     from agent.nat.ice import IceParams, IceSession, SelectedPair
     from agent.nat.relay import PairProxy
+    from agent.netmap import NetworkMap
 
 log = logging.getLogger("starling.agent.nat")
 DIRECT_TIMEOUT = 1.2  # s without a handshake on the direct candidates before ICE starts
@@ -47,6 +48,44 @@ SWITCH_GRACE = 3.0  # s the proxy stays after switching to direct, until WireGua
 RENEW_BEFORE = 120.0  # s before our TURN credential expires: move to a new allocation
 HEAD_START = 0.8  # s head start of direct pairs over relay pairs
 KINDS = ("ice-request", "ice-offer", "ice-answer", "probe-offer", "probe-answer")
+
+
+class SignalLink(Protocol):
+    """Where ICE messages go (agent.signal_client.SignalClient)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def send(self, to_pub: str, kind: str, body: dict[str, Any], *, msg_id: str | None = None) -> bool: ...
+
+
+class FallbackHost(Protocol):
+    """What the fallback needs from the agent that owns it (agent.daemon.Agent): our identity and
+    WireGuard port, the map's relays, the signal link, and the agent's ways to move a path."""
+
+    @property
+    def public_key(self) -> str: ...  # ours, now (it changes with key rotation)
+
+    @property
+    def port(self) -> int: ...  # WireGuard's listen port (relay proxies send to it)
+
+    @property
+    def map(self) -> NetworkMap: ...
+
+    @property
+    def signal(self) -> SignalLink | None: ...
+
+    async def fresh_candidates(self) -> list[Candidate]: ...
+
+    def ice_address_ok(self, address: str) -> bool: ...
+
+    async def refresh_reflexive(self) -> None: ...
+
+    async def send_offer(self, conn: PeerConnection) -> None: ...
+
+    async def point_wireguard(self, conn: PeerConnection, endpoint: str, *, fresh: bool) -> None: ...
+
+    async def nudge(self, conn: PeerConnection, endpoint: str | None = None) -> None: ...
 
 
 @dataclass
@@ -81,8 +120,8 @@ class PeerNat:
 class Fallback:
     """ICE fallback, relay proxies and direct re-probes for every peer of one agent."""
 
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent  # the daemon: signal, map, backend, reflexive, conns (duck-typed)
+    def __init__(self, agent: FallbackHost) -> None:
+        self.agent = agent
         self.peers: dict[str, PeerNat] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -91,7 +130,7 @@ class Fallback:
         return self.peers.setdefault(conn.peer_id, PeerNat())
 
     def controlling(self, conn: PeerConnection) -> bool:
-        return bool(self.agent.public_key < conn.public_key)
+        return self.agent.public_key < conn.public_key
 
     def _servers(self, with_turn: bool = True) -> dict[str, Any]:
         stun = turn = user = password = None

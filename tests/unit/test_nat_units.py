@@ -67,11 +67,64 @@ def test_handshakes_of_a_lost_path_do_not_count() -> None:
     assert conn.state == PathState.DIRECT
 
 
+class _RecordingSignal:
+    """A SignalLink that records what the fallback sends."""
+
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def send(self, to_pub: str, kind: str, body: dict[str, Any], *, msg_id: str | None = None) -> bool:
+        self.sent.append((to_pub, kind, body))
+        return True
+
+
 class _FakeAgent:
-    def __init__(self, public_key: str) -> None:
+    """A FallbackHost (agent.nat.fallback) that records how the fallback moves paths."""
+
+    def __init__(self, public_key: str, signal: _RecordingSignal | None = None) -> None:
         self.public_key = public_key
-        self.signal = None
+        self.port = 51820
+        self.signal = signal
         self.map = NetworkMap(relays=(RelayCredential(("turn:198.19.0.1:3478?transport=udp",), "u", "p"),))
+        self.calls: list[tuple[str, str]] = []
+
+    async def fresh_candidates(self) -> list[Candidate]:
+        return []
+
+    def ice_address_ok(self, address: str) -> bool:
+        return True
+
+    async def refresh_reflexive(self) -> None:
+        self.calls.append(("refresh_reflexive", ""))
+
+    async def send_offer(self, conn: PeerConnection) -> None:
+        self.calls.append(("send_offer", conn.name))
+
+    async def point_wireguard(self, conn: PeerConnection, endpoint: str, *, fresh: bool) -> None:
+        self.calls.append(("point_wireguard", endpoint))
+
+    async def nudge(self, conn: PeerConnection, endpoint: str | None = None) -> None:
+        self.calls.append(("nudge", endpoint or ""))
+
+
+def test_fallback_speaks_through_the_hosts_signal_link_only_when_connected() -> None:
+    conn = PeerConnection("p1", "BBBB", "peer", "100.64.0.2")
+    down = _RecordingSignal(connected=False)
+    assert asyncio.run(Fallback(_FakeAgent("AAAA", down))._send(conn, "ice-request", {})) is False
+    assert asyncio.run(Fallback(_FakeAgent("AAAA", None))._send(conn, "ice-request", {})) is False
+    up = _RecordingSignal(connected=True)
+    assert asyncio.run(Fallback(_FakeAgent("AAAA", up))._send(conn, "ice-request", {"x": 1})) is True
+    assert down.sent == [] and up.sent == [("BBBB", "ice-request", {"x": 1})]
+
+
+def test_a_lost_direct_path_is_not_the_fallbacks_business() -> None:
+    host = _FakeAgent("AAAA")
+    fb = Fallback(host)
+    conn = PeerConnection("p1", "BBBB", "peer", "100.64.0.2")
+    conn.remote_candidates([Candidate("198.19.0.12:51820", "srflx")], LAN)
+    asyncio.run(fb.path_lost(conn))  # no proxy: nothing to drop, WireGuard untouched
+    assert host.calls == [] and conn.state == PathState.CONNECTING
 
 
 def test_fallback_starts_only_after_direct_candidates_had_their_time() -> None:
