@@ -29,13 +29,13 @@ from agent.client import CoordinatorError, PeerApi, enroll
 from agent.config import AgentConfig, AgentState, write_private
 from agent.control import ControlServer
 from agent.firewall import Firewall, FirewallError, FirewallMapError
-from agent.keys import KeySource, public_key_of
+from agent.keys import KeySource, decode_key, public_key_of
 from agent.links import PeerLinks
 from agent.nat.fallback import Fallback
 from agent.nat.reflexive import ReflexiveProbe
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection
-from agent.rekey import KeyRotation
+from agent.rekey import KeyRotator
 from agent.status import ServiceStatus
 from agent.wg import WireGuardBackend
 from agent.wg.backend import WireGuardError
@@ -57,7 +57,7 @@ def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Any:
         delay = min(delay * 2, cap)
 
 
-class Agent(PeerLinks, KeyRotation):
+class Agent(PeerLinks):
     def __init__(self, config: AgentConfig, state: AgentState, keys: KeySource, backend: WireGuardBackend) -> None:
         self.config = config
         self.state = state
@@ -98,7 +98,7 @@ class Agent(PeerLinks, KeyRotation):
         self._reoffer_pending = False  # our candidates changed while signal was down
         self.map_redial = asyncio.Event()  # set: drop the map stream now and reconnect (roaming)
         self._followers: set[asyncio.Task[None]] = set()
-        self._rekey_lock = asyncio.Lock()
+        self.rotation = KeyRotator(self)
 
     @property
     def map_cache(self) -> Path:
@@ -195,7 +195,7 @@ class Agent(PeerLinks, KeyRotation):
                             delays = backoff_delays()
                         await self._apply(parse_map_message(data))  # WireFormatError: nothing changed
                         if event == "map" and self.map.me and self.map.me.public_key != self.public_key:
-                            await self.present_key()
+                            await self.rotation.present()
                     elif event == "deleted":
                         self.management.set(False, "this peer was removed from the mesh")
                         log.error("the coordinator removed this peer; stopping")
@@ -306,7 +306,7 @@ class Agent(PeerLinks, KeyRotation):
             conn.path_changes = 0
             self.conns[pid] = conn
             self.by_key[entry.public_key] = pid
-            existing = await asyncio.to_thread(self._wg_peers_safe)
+            existing = await asyncio.to_thread(self.wireguard_peers)
             current = existing.get(entry.public_key)
             if current is not None and current.endpoint:
                 conn.endpoint = current.endpoint  # adopted tunnel: keep it as it is
@@ -318,7 +318,7 @@ class Agent(PeerLinks, KeyRotation):
             await self._offer(conn, "offer")
         if full:
             wanted = {e.public_key for e in self.map.peers.values()}
-            for key in set(await asyncio.to_thread(self._wg_peers_safe)) - wanted:
+            for key in set(await asyncio.to_thread(self.wireguard_peers)) - wanted:
                 await self._wg(self.backend.remove_peer, key)
 
     async def _peer_rekeyed(self, conn: PeerConnection, old: PeerEntry, new: PeerEntry) -> None:
@@ -365,30 +365,51 @@ class Agent(PeerLinks, KeyRotation):
             log.error("firewall rules of map %s rejected (previous rules stay): %s", self.map.serial, exc)
             if self._rejected_serial != self.map.serial:
                 self._rejected_serial = self.map.serial
-                await self._event("firewall.error", f"map {self.map.serial} rejected: {exc}")
+                await self.event("firewall.error", f"map {self.map.serial} rejected: {exc}")
         except FirewallError as exc:
             # Fail closed: the previous ruleset (or the guard) stays; the watchdog retries.
             self.firewall_pending = True
             log.error("firewall not applied (mesh traffic stays restricted): %s", exc)
-            await self._event("firewall.error", str(exc))
+            await self.event("firewall.error", str(exc))
 
     def _on_drift(self, description: str) -> None:
         log.warning("firewall drift repaired: %s", description)
         if self.loop is not None:
-            asyncio.run_coroutine_threadsafe(self._event("firewall.drift", description), self.loop)
+            asyncio.run_coroutine_threadsafe(self.event("firewall.drift", description), self.loop)
 
-    async def _event(self, kind: str, message: str) -> None:
+    async def event(self, kind: str, message: str) -> None:
         try:
             await self.api.report_event(kind, message)
         except CoordinatorError as exc:
             log.debug("event %s not reported: %s", kind, exc)
+
+    # ----- key rotation (agent.rekey.KeyRotator's host) -------------------------------------------
+    async def reload_key(self, expect_public_key: str | None = None, verify_timeout: float = 30.0) -> dict[str, Any]:
+        """`starling key reload` (the control socket): see agent.rekey."""
+        return await self.rotation.reload(expect_public_key, verify_timeout)
+
+    def adopt_key(self, private_key: str, public_key: str) -> None:
+        self.private_key, self.public_key = private_key, public_key
+
+    def renew_signal_identity(self) -> None:
+        if self.signal is None:
+            return
+        from agent.signal_crypto import SignalCrypto
+
+        self.signal.set_crypto(SignalCrypto(decode_key(self.private_key)))
+        self.signal.redial("key rotated")
+
+    def peer_name(self, public_key: str) -> str | None:
+        pid = self.by_key.get(public_key)
+        entry = self.map.peers.get(pid) if pid else None
+        return None if pid is None else (entry.name if entry else public_key[:8])
 
     # ----- watchdog and reports ---------------------------------------------------------------
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(0.5)
             now, mono = time.time(), time.monotonic()  # before the reading: see PeerConnection.observe
-            stats = await asyncio.to_thread(self._wg_peers_safe)
+            stats = await asyncio.to_thread(self.wireguard_peers)
             # Read afresh (not the 2 s offer cache): roaming is noticed within one pass.
             current = await asyncio.to_thread(self.host_candidates, 0.0)
             hosts = sorted(c.address for c in current if c.kind == "host")

@@ -24,6 +24,7 @@ from agent.netmap import NetworkMap
 from agent.peers import Candidate, PathState, PeerConnection, parse_candidates
 from agent.status import ServiceStatus
 from agent.wg import PeerConfig, WireGuardBackend, WireGuardError
+from agent.wg.backend import PeerStats
 from starling_proto.netmap import PeerEntry
 
 if TYPE_CHECKING:  # websockets is imported when signal starts
@@ -66,7 +67,8 @@ class PeerLinks:
         # Setting keepalive together with the first endpoint starts the handshake immediately.
         return PeerConfig(entry.public_key, entry.allowed_ips, endpoint, self.config.keepalive if endpoint else 0)
 
-    def _wg_peers_safe(self) -> dict[str, Any]:
+    def wireguard_peers(self) -> dict[str, PeerStats]:
+        """WireGuard's peers now ({} if the device cannot be read)."""
         try:
             return self.backend.peers()
         except WireGuardError:
@@ -236,7 +238,7 @@ class PeerLinks:
         await asyncio.sleep(FOLLOW_DELAY)
         if self.conns.get(conn.peer_id) is not conn or conn.endpoint != endpoint or conn.proxied:
             return
-        stats = (await asyncio.to_thread(self._wg_peers_safe)).get(conn.public_key)
+        stats = (await asyncio.to_thread(self.wireguard_peers)).get(conn.public_key)
         answered = stats is not None and stats.last_handshake > max(conn.stale_before, time.time() - 10)
         # Not answered yet (e.g. our NAT dropped the initiation): initiate now, on a fresh peer so
         # that WireGuard's 5 s initiation rate limit does not delay it.
