@@ -1,8 +1,12 @@
 """The agent daemon: follows the coordinator's map stream, keeps one WireGuard peer per map peer,
 exchanges candidates through signal, watches handshakes, reports state, serves the control socket.
 
-How each peer is reached (candidates, signal, STUN, WireGuard endpoints) is the `PeerLinks` half
-in `agent/links.py`; NAT fallback and relay in `agent/nat/`.
+The daemon is a reconciler: the typed map (agent.netmap) is the desired state; it keeps one
+`agent.link.PeerLink` per map peer (which owns that peer's WireGuard peer and path), the firewall, and
+our address in step with it. Our candidates and public mapping are `agent.endpoints.LocalEndpoints`,
+signal is `agent.signalling.Signalling`, key rotation `agent.rekey.KeyRotator`, NAT fallback and relay
+`agent.nat`. They meet at Protocol ports; the daemon wires them and implements the host interfaces
+the fallback and key rotation need.
 
 The data plane never depends on the control plane: losing the coordinator or signal stops updates,
 not traffic. The last map is cached on disk so a restarted daemon configures tunnels even while
@@ -22,29 +26,26 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import __version__, netlink
 from agent.client import CoordinatorError, PeerApi, enroll
 from agent.config import AgentConfig, AgentState, write_private
 from agent.control import ControlServer
+from agent.endpoints import LocalEndpoints
 from agent.firewall import Firewall, FirewallError, FirewallMapError
-from agent.keys import KeySource, decode_key, public_key_of
-from agent.links import PeerLinks
-from agent.nat.fallback import Fallback
-from agent.nat.reflexive import ReflexiveProbe
+from agent.keys import KeySource, public_key_of
+from agent.link import PeerLink
+from agent.nat.fallback import Fallback, SignalLink
 from agent.netmap import MapChange, MapGap, NetworkMap
-from agent.peers import Candidate, PathState, PeerConnection
+from agent.peers import Candidate, PeerConnection
 from agent.rekey import KeyRotator
+from agent.signalling import Signalling
 from agent.status import ServiceStatus
 from agent.wg import WireGuardBackend
-from agent.wg.backend import WireGuardError
-from starling_proto.netmap import FullMap, MapMessage, PeerEntry, UnsupportedMapVersion, parse_map_message
-
-if TYPE_CHECKING:  # websockets is imported when signal starts
-    from agent.signal_client import SignalClient
-
-OLD_KEY_GRACE = 5.0  # s a neighbour's old key stays (without allowed IPs) after it rotated
+from agent.wg.backend import PeerStats
+from agent.wg.port import ThreadedWireGuard
+from starling_proto.netmap import FullMap, MapMessage, UnsupportedMapVersion, parse_map_message
 
 log = logging.getLogger("starling.agent")
 RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
@@ -57,28 +58,28 @@ def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Any:
         delay = min(delay * 2, cap)
 
 
-class Agent(PeerLinks):
+class Agent:
+    """One agent process: wires the parts and reconciles them with the coordinator's map."""
+
     def __init__(self, config: AgentConfig, state: AgentState, keys: KeySource, backend: WireGuardBackend) -> None:
         self.config = config
         self.state = state
         self.keys = keys
         self.backend = backend
+        self.wg = ThreadedWireGuard(backend)
         self.private_key = ""
         self.public_key = ""
         self.map = NetworkMap()
-        self.conns: dict[str, PeerConnection] = {}
-        self.by_key: dict[str, str] = {}
-        self.pending: dict[str, tuple[float, list[Candidate]]] = {}
+        self.links: dict[str, PeerLink] = {}  # by peer id
+        self._by_key: dict[str, PeerLink] = {}  # by the peer's current public key
         self.management = ServiceStatus()
         self.signal_status = ServiceStatus()
         self.tls = config.tls_context()
         self.api = PeerApi(state.management_url, state.credential, verify=self.tls)
         self._last_relogin = -1e9
-        self.signal: SignalClient | None = None
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.remove_on_exit = False
-        self.port = config.port
         self._tasks: list[asyncio.Task[Any]] = []
         self._address: tuple[str, int] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -89,20 +90,28 @@ class Agent(PeerLinks):
         )
         self.firewall_pending = False
         self._rejected_serial = -1
-        self.map_ready = asyncio.Event()
-        self._candidates: tuple[float, list[Candidate]] = (0.0, [])
+        self.endpoints = LocalEndpoints(backend.interface, config.port, lambda: self.map.relays)
         self._offered_hosts: list[str] | None = None
-        self.reflexive = ReflexiveProbe(config.port)
-        self.nat_wakeup = asyncio.Event()
+        self.signalling = Signalling(
+            url=lambda: self.config.signal_url or self.map.signal.url,
+            token=self.api.signal_token,
+            private_key=lambda: self.private_key,
+            candidates=self.endpoints,
+            links=self,
+            status=self.signal_status,
+            tls=self.tls,
+        )
         self.fallback = Fallback(self)
-        self._reoffer_pending = False  # our candidates changed while signal was down
         self.map_redial = asyncio.Event()  # set: drop the map stream now and reconnect (roaming)
-        self._followers: set[asyncio.Task[None]] = set()
         self.rotation = KeyRotator(self)
 
     @property
     def map_cache(self) -> Path:
         return self.config.state_dir / "map.json"
+
+    @property
+    def port(self) -> int:
+        return self.endpoints.port
 
     # ----- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -117,8 +126,7 @@ class Agent(PeerLinks):
             log.error("firewall guard: %s (retrying)", exc)
             self.firewall_pending = True
         await asyncio.to_thread(self.backend.up, self.private_key, self.config.port)
-        self.port = await asyncio.to_thread(self.backend.listen_port) or self.config.port
-        self.reflexive.wg_port = self.port
+        self.endpoints.set_port(await asyncio.to_thread(self.backend.listen_port) or self.config.port)
         cached = self._load_cached_map()
         if cached is not None:
             await self._apply(cached, initial=True)
@@ -132,8 +140,8 @@ class Agent(PeerLinks):
             asyncio.create_task(self._follow_map(), name="map"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._reporter(), name="reporter"),
-            asyncio.create_task(self._signal(), name="signal"),
-            asyncio.create_task(self._nat(), name="nat"),
+            asyncio.create_task(self.signalling.run(), name="signal"),
+            asyncio.create_task(self.endpoints.keep_mapping(self.signalling.reoffer_all), name="nat"),
         ]
         log.info(
             "agent up: %s %s on %s (%s backend)",
@@ -151,13 +159,11 @@ class Agent(PeerLinks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await control.stop()
-            if self.signal is not None:
-                with contextlib.suppress(Exception):
-                    await self.signal.close()
+            await self.signalling.close()
             await self.api.close()
-            await self.fallback.close()
-            self.reflexive.close()
-            await asyncio.to_thread(self.reflexive.remove)
+            await self.fallback.close(link.conn for link in self.links.values())
+            self.endpoints.close()
+            await self.endpoints.remove()
             if self.remove_on_exit:
                 with contextlib.suppress(FirewallError):
                     await asyncio.to_thread(self.firewall.remove)
@@ -265,91 +271,64 @@ class Agent(PeerLinks):
             self._address = address
         if change.firewall or self.firewall_pending:
             await self._apply_firewall()
-        if (
-            change.added
-            and self.reflexive.address is None
-            and self.reflexive.last_error is None
-            and self.stun_servers()
-        ):
+        endpoints = self.endpoints
+        if change.added and endpoints.reflexive.address is None and endpoints.reflexive.last_error is None:
             # Learn our public mapping before the first offers, so they carry it (bounded: 1 s).
-            await self.reflexive.learn(self.stun_servers(), limit=1.0)
-            self._candidates = (0.0, [])
-        await self._reconcile(change, full=change.full)
-        if self.reflexive.address is None and self.stun_servers():
-            self.nat_wakeup.set()
-        self.map_ready.set()
+            await endpoints.refresh_reflexive(limit=1.0)
+        await self._reconcile(change)
+        if endpoints.reflexive.address is None and endpoints.stun_servers():
+            endpoints.wakeup.set()
+        self.signalling.url_known.set()
         if not initial:
             await asyncio.to_thread(self._save_map)
 
-    async def _reconcile(self, change: MapChange, *, full: bool) -> None:
+    async def _reconcile(self, change: MapChange) -> None:
+        """Links follow the map: removed peers are closed, changed ones updated (a new key is swapped in
+        place), new ones started; on a full map, WireGuard peers the map does not hold are removed."""
         for pid, entry in change.removed.items():
-            await self.fallback.forget(pid)
-            conn = self.conns.pop(pid, None)
-            self.by_key.pop(entry.public_key, None)
-            await self._wg(self.backend.remove_peer, entry.public_key)
-            log.info("peer %s removed", entry.name)
-            del conn
-        for pid, (old, new) in change.changed.items():
-            if old.public_key != new.public_key:
-                if pid in self.conns:
-                    await self._peer_rekeyed(self.conns[pid], old, new)
-                else:
-                    change.added[pid] = new
-            elif old.allowed_ips != new.allowed_ips:
-                conn = self.conns[pid]
-                await self._wg(self.backend.set_peer, self._peer_config(new, conn.endpoint))
-            if pid in self.conns:
-                self.conns[pid].name = new.name
-        for pid, entry in change.added.items():
-            conn = PeerConnection(pid, entry.public_key, entry.name, entry.mesh_ip)
-            conn.set_state(PathState.CONNECTING)
-            conn.path_changes = 0
-            self.conns[pid] = conn
-            self.by_key[entry.public_key] = pid
-            existing = await asyncio.to_thread(self.wireguard_peers)
-            current = existing.get(entry.public_key)
-            if current is not None and current.endpoint:
-                conn.endpoint = current.endpoint  # adopted tunnel: keep it as it is
+            link = self.links.pop(pid, None)
+            if link is not None:
+                self._by_key.pop(link.entry.public_key, None)
+                await link.close()
             else:
-                await self._wg(self.backend.set_peer, self._peer_config(entry, None))
-            pending = self.pending.pop(entry.public_key, None)
-            if pending is not None:
-                await self._use_candidates(conn, pending[1])
-            await self._offer(conn, "offer")
-        if full:
+                await self.wg.remove_peer(entry.public_key)
+            log.info("peer %s removed", entry.name)
+        for pid, (old, new) in change.changed.items():
+            link = self.links.get(pid)
+            if link is None:
+                change.added[pid] = new
+            elif old.public_key != new.public_key:
+                self._by_key.pop(link.entry.public_key, None)
+                self._by_key[new.public_key] = link
+                await link.rekey(new, self.signalling.pending_for(new.public_key))
+            else:
+                await link.update(new)
+        existing: dict[str, PeerStats] | None = None
+        for pid, entry in change.added.items():
+            if existing is None:
+                existing = await self.wg.peers()
+            link = PeerLink(
+                entry,
+                keepalive=self.config.keepalive,
+                wg=self.wg,
+                offers=self.signalling,
+                nets=self.endpoints,
+                nat=self.fallback,
+            )
+            self.links[pid] = link
+            self._by_key[entry.public_key] = link
+            await link.start(existing.get(entry.public_key), self.signalling.pending_for(entry.public_key))
+        if change.full:
             wanted = {e.public_key for e in self.map.peers.values()}
-            for key in set(await asyncio.to_thread(self.wireguard_peers)) - wanted:
-                await self._wg(self.backend.remove_peer, key)
+            for key in set(await self.wg.peers()) - wanted:
+                await self.wg.remove_peer(key)
 
-    async def _peer_rekeyed(self, conn: PeerConnection, old: PeerEntry, new: PeerEntry) -> None:
-        """A neighbour rotated its key: swap the key in WireGuard in one update, keeping endpoint,
-        path and relay state. The keepalive that comes with the endpoint starts the handshake at
-        once, which releases the packets the neighbour queued while we still knew its old key."""
-        self.by_key.pop(old.public_key, None)
-        self.by_key[new.public_key] = conn.peer_id
-        conn.public_key = new.public_key
-        conn.hold_until = time.monotonic() + OLD_KEY_GRACE
-        try:
-            await asyncio.to_thread(self.backend.swap_key, old.public_key, self._peer_config(new, conn.endpoint))
-        except WireGuardError as exc:
-            log.error("WireGuard: cannot swap the key of %s: %s", new.name, exc)
-        self._retire_key(old.public_key)
-        log.info("peer %s rotated its key: %s... -> %s...", new.name, old.public_key[:8], new.public_key[:8])
-        pending = self.pending.pop(new.public_key, None)
-        if pending is not None:
-            await self._use_candidates(conn, pending[1])
+    # The LinkDirectory that signalling routes through.
+    def link_for_key(self, public_key: str) -> PeerLink | None:
+        return self._by_key.get(public_key)
 
-    def _retire_key(self, key: str) -> None:
-        """Remove a neighbour's old key after OLD_KEY_GRACE, unless it came back meanwhile (rollback)."""
-
-        async def later() -> None:
-            await asyncio.sleep(OLD_KEY_GRACE)
-            if key not in self.by_key:
-                await self._wg(self.backend.remove_peer, key)
-
-        task = asyncio.create_task(later())
-        self._followers.add(task)
-        task.add_done_callback(self._followers.discard)
+    def all_links(self) -> list[PeerLink]:
+        return list(self.links.values())
 
     async def _apply_firewall(self) -> None:
         section = self.map.firewall()
@@ -383,7 +362,34 @@ class Agent(PeerLinks):
         except CoordinatorError as exc:
             log.debug("event %s not reported: %s", kind, exc)
 
-    # ----- key rotation (agent.rekey.KeyRotator's host) -------------------------------------------
+    # ----- the fallback's host (agent.nat.fallback.FallbackHost) ----------------------------------
+    @property
+    def signal(self) -> SignalLink | None:
+        return self.signalling.client
+
+    async def fresh_candidates(self) -> list[Candidate]:
+        return await self.endpoints.fresh_candidates()
+
+    def ice_address_ok(self, address: str) -> bool:
+        return self.endpoints.ice_address_ok(address)
+
+    async def refresh_reflexive(self) -> None:
+        await self.endpoints.refresh_reflexive()
+
+    async def send_offer(self, conn: PeerConnection) -> None:
+        await self.signalling.offer(conn, "offer")
+
+    async def point_wireguard(self, conn: PeerConnection, endpoint: str, *, fresh: bool) -> None:
+        link = self.links.get(conn.peer_id)
+        if link is not None:
+            await link.point(endpoint, fresh=fresh)
+
+    async def nudge(self, conn: PeerConnection, endpoint: str | None = None) -> None:
+        link = self.links.get(conn.peer_id)
+        if link is not None:
+            await link.nudge(endpoint)
+
+    # ----- key rotation's host (agent.rekey.RotationHost) -----------------------------------------
     async def reload_key(self, expect_public_key: str | None = None, verify_timeout: float = 30.0) -> dict[str, Any]:
         """`starling key reload` (the control socket): see agent.rekey."""
         return await self.rotation.reload(expect_public_key, verify_timeout)
@@ -392,45 +398,35 @@ class Agent(PeerLinks):
         self.private_key, self.public_key = private_key, public_key
 
     def renew_signal_identity(self) -> None:
-        if self.signal is None:
-            return
-        from agent.signal_crypto import SignalCrypto
+        self.signalling.renew_identity()
 
-        self.signal.set_crypto(SignalCrypto(decode_key(self.private_key)))
-        self.signal.redial("key rotated")
+    def wireguard_peers(self) -> dict[str, PeerStats]:
+        return self.wg.peers_now()
 
     def peer_name(self, public_key: str) -> str | None:
-        pid = self.by_key.get(public_key)
-        entry = self.map.peers.get(pid) if pid else None
-        return None if pid is None else (entry.name if entry else public_key[:8])
+        link = self._by_key.get(public_key)
+        return link.entry.name if link else None
 
     # ----- watchdog and reports ---------------------------------------------------------------
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(0.5)
             now, mono = time.time(), time.monotonic()  # before the reading: see PeerConnection.observe
-            stats = await asyncio.to_thread(self.wireguard_peers)
+            stats = await self.wg.peers()
             # Read afresh (not the 2 s offer cache): roaming is noticed within one pass.
-            current = await asyncio.to_thread(self.host_candidates, 0.0)
+            current = await self.endpoints.fresh_candidates(0.0)
             hosts = sorted(c.address for c in current if c.kind == "host")
             if self._offered_hosts is not None and hosts != self._offered_hosts:
-                self.nat_wakeup.set()  # new underlay address: learn the new public mapping too
+                self.endpoints.wakeup.set()  # new underlay address: learn the new public mapping too
                 # Connections made from an address we no longer have are dead, though TCP has not
                 # noticed: dial the coordinator and signal again right away.
                 if set(self._offered_hosts) - set(hosts):
                     self.map_redial.set()
-                    if self.signal is not None:
-                        self.signal.redial("underlay addresses changed")
-                    # wireguard-go remembers the source address it last used per peer ("sticky
-                    # sockets") and keeps trying the one that is gone; setting the endpoint again
-                    # forgets it, and the keepalive that follows reopens our NAT for the peer.
-                    for conn in list(self.conns.values()):
-                        await self.nudge(conn)
-                        # Until the peer sends to our new address, its NAT drops what we send: the
-                        # old handshake proves nothing now. Prove the path again, or fall back.
-                        conn.reverify(time.time(), time.monotonic(), self.fallback.controlling(conn))
+                    self.signalling.redial("underlay addresses changed")
+                    for link in list(self.links.values()):
+                        await link.underlay_changed()
                 self._offered_hosts = hosts
-                await self._reoffer_all("underlay addresses changed")
+                await self.signalling.reoffer_all("underlay addresses changed")
             self._offered_hosts = hosts
             if self.firewall_pending and self.map.loaded:
                 await self._apply_firewall()
@@ -440,39 +436,15 @@ class Agent(PeerLinks):
                 except FirewallError as exc:
                     log.error("firewall repair failed: %s", exc)
                     self.firewall_pending = True
-            for conn in list(self.conns.values()):
-                st = stats.get(conn.public_key)
-                if st is None:
+            for link in list(self.links.values()):
+                st = stats.get(link.conn.public_key)
+                if st is None or link.closed:
                     continue
                 try:
-                    await self._watch_peer(conn, st, now, mono)
+                    await link.watch(st, now, mono)
                 except Exception:
                     # One peer's trouble must not stop the watchdog for all the others.
-                    log.exception("watchdog: peer %s", conn.name)
-
-    async def _watch_peer(self, conn: PeerConnection, st: Any, now: float, mono: float) -> None:
-        """One watchdog pass for one peer: path state from WireGuard, fallback, re-offers."""
-        was, verifying = conn.state, conn.verify_since
-        endpoint = conn.observe(st.last_handshake, st.rx_bytes, st.tx_bytes, st.endpoint, now, taken=mono)
-        if verifying and not conn.verify_since:
-            if conn.state == PathState.DIRECT:
-                log.info("%s: path via %s confirmed after the change", conn.name, conn.endpoint)
-            elif conn.state == PathState.LOST:
-                log.warning("%s: %s: path lost, trying the candidates and ICE", conn.name, conn.last_error)
-        entry = self.map.peers.get(conn.peer_id)
-        if endpoint is not None and entry is not None:
-            await self._wg(self.backend.set_peer, self._peer_config(entry, endpoint))
-        elif conn.kick_due(time.monotonic()) and conn.endpoint:
-            # No proof yet: re-create the peer, which sends a handshake initiation at once (WireGuard
-            # itself would retry only after 5 s, and never while its old session looks valid).
-            log.info("%s: no handshake since the path changed: forcing one to %s", conn.name, conn.endpoint)
-            await self.point_wireguard(conn, conn.endpoint, fresh=True)
-        if conn.proxied and conn.state == PathState.LOST and was != PathState.LOST:
-            await self.fallback.path_lost(conn)
-        await self.fallback.tick(conn, mono)
-        if conn.offer_due(mono) and not await self._offer(conn, "offer"):
-            conn.next_offer_at = mono + 0.5
-            conn.offer_backoff = max(1.0, conn.offer_backoff / 2)
+                    log.exception("watchdog: peer %s", link.conn.name)
 
     async def _reporter(self) -> None:
         last: list[dict[str, Any]] | None = None
@@ -489,7 +461,7 @@ class Agent(PeerLinks):
                     "tx_bytes": c.tx_bytes,
                     "last_handshake": _iso(c.last_handshake),
                 }
-                for c in self.conns.values()
+                for c in (link.conn for link in self.links.values())
             ]
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.keys.maintain)  # e.g. renew the Vault token at half its lease
@@ -517,32 +489,42 @@ class Agent(PeerLinks):
             "signal": self.signal_status.as_dict(),
             "map_serial": self.map.serial,
             "firewall": self.firewall.status(),
-            "nat": {"reflexive": self.reflexive.status(), "stun_servers": [f"{h}:{p}" for h, p in self.stun_servers()]},
+            "nat": {
+                "reflexive": self.endpoints.reflexive.status(),
+                "stun_servers": [f"{h}:{p}" for h, p in self.endpoints.stun_servers()],
+            },
             "uptime": time.time() - self.started,
-            "peers": sorted((self._peer_status(c) for c in self.conns.values()), key=lambda p: p["name"]),
+            "peers": sorted((self._peer_status(link.conn) for link in self.links.values()), key=lambda p: p["name"]),
         }
 
     def _peer_status(self, conn: PeerConnection) -> dict[str, Any]:
-        sent, received = self.fallback.relayed_bytes(conn.peer_id)
+        sent, received = Fallback.relayed_bytes(conn)
         return {
             **conn.status(),
-            "proxy": self.fallback.proxy_status(conn.peer_id),
+            "proxy": conn.nat.status(),
             "relayed_sent_bytes": sent,
             "relayed_received_bytes": received,
         }
 
     def explain(self, name: str) -> dict[str, Any] | None:
         """Why a peer is on its path: NAT facts, candidates, the attempts and their results."""
-        conn = next((c for c in self.conns.values() if name in (c.name, c.peer_id, c.public_key)), None)
+        conn = next(
+            (
+                link.conn
+                for link in self.links.values()
+                if name in (link.conn.name, link.conn.peer_id, link.conn.public_key)
+            ),
+            None,
+        )
         if conn is None:
             return None
         return {
             "peer": self._peer_status(conn),
-            "our_candidates": [c.to_wire() for c in self._candidates[1]],  # cache: no netlink on the loop
-            "reflexive": self.reflexive.status(),
+            "our_candidates": [c.to_wire() for c in self.endpoints.cached],  # cache: no netlink on the loop
+            "reflexive": self.endpoints.reflexive.status(),
             "controlling": self.fallback.controlling(conn),
-            "history": self.fallback.explain(conn.peer_id),
-            "turn_renewals": self.fallback.renewals(conn.peer_id),
+            "history": list(conn.nat.history),
+            "turn_renewals": conn.nat.renewals,
         }
 
 

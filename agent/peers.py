@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.nat.state import PeerNat
+
 HANDSHAKE_FRESH = 180.0  # WireGuard rekeys every 120 s; no handshake for 180 s means the path is dead
 CANDIDATE_TIMEOUT = 3.0
 # After a change that may have broken a direct path under us (we roamed, the peer moved), an old
@@ -128,6 +130,7 @@ class PeerConnection:
     relay_server: str | None = None
     local_candidate: str | None = None
     remote_candidate: str | None = None
+    nat: PeerNat = field(default_factory=PeerNat)  # ICE sessions, relay proxy (driven by agent.nat.fallback)
 
     def set_state(self, state: PathState) -> bool:
         if state == self.state:

@@ -21,19 +21,18 @@ that `starling explain` prints.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.nat.state import PeerNat
 from agent.nat.stun import parse_server
 from agent.peers import Candidate, PathState, PeerConnection
 
 if TYPE_CHECKING:  # aioice is imported on first use: it costs ~0.1 s of every agent start
     from agent.nat.ice import IceParams, IceSession, SelectedPair
-    from agent.nat.relay import PairProxy
     from agent.netmap import NetworkMap
 
 log = logging.getLogger("starling.agent.nat")
@@ -88,46 +87,16 @@ class FallbackHost(Protocol):
     async def nudge(self, conn: PeerConnection, endpoint: str | None = None) -> None: ...
 
 
-@dataclass
-class PeerNat:
-    """What the fallback knows about one peer (lives as long as the peer is in the map)."""
-
-    session: IceSession | None = None  # the session the proxy uses
-    pending: IceSession | None = None  # a negotiation in progress (may replace `session`)
-    answer: asyncio.Future[IceParams] | None = None
-    task: asyncio.Task[None] | None = None  # an ICE negotiation (or answer) in progress
-    probe_task: asyncio.Task[None] | None = None  # a direct re-probe in progress
-    renewals: int = 0  # moves to a new TURN allocation because the credential was ageing
-    proxy: PairProxy | None = None
-    relay_server: str | None = None
-    next_attempt: float = 0.0
-    failures: int = 0
-    next_probe: float = 0.0
-    probe: IceSession | None = None
-    probe_answer: asyncio.Future[IceParams] | None = None
-    switching_since: float = 0.0  # > 0: WireGuard points direct again, proxy kept until confirmed
-    rx_at_switch: int = 0
-    next_renewal: float = 0.0
-    relayed_sent: int = 0  # bytes through closed relay proxies (the open one adds its own counters)
-    relayed_received: int = 0
-    history: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=60))
-
-    def note(self, text: str) -> None:
-        self.history.append(f"{time.strftime('%H:%M:%S')} {text}")
-        log.info("%s", text)
-
-
 class Fallback:
     """ICE fallback, relay proxies and direct re-probes for every peer of one agent."""
 
     def __init__(self, agent: FallbackHost) -> None:
         self.agent = agent
-        self.peers: dict[str, PeerNat] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     # ----- helpers ----------------------------------------------------------------------------
     def state(self, conn: PeerConnection) -> PeerNat:
-        return self.peers.setdefault(conn.peer_id, PeerNat())
+        return conn.nat
 
     def controlling(self, conn: PeerConnection) -> bool:
         return self.agent.public_key < conn.public_key
@@ -463,10 +432,9 @@ class Fallback:
             if target is not None:
                 await self.agent.point_wireguard(conn, target, fresh=True)
 
-    async def forget(self, peer_id: str) -> None:
-        st = self.peers.pop(peer_id, None)
-        if st is None:
-            return
+    async def forget(self, conn: PeerConnection) -> None:
+        """Close the peer's ICE sessions and proxy (it left the map, or the agent stops)."""
+        st, conn.nat = conn.nat, PeerNat()
         for task in (st.task, st.probe_task):
             if task is not None:
                 task.cancel()
@@ -476,29 +444,16 @@ class Fallback:
             self._close_later(st.pending)
         await self._close_session(st)
 
-    async def close(self) -> None:
-        for peer_id in list(self.peers):
-            await self.forget(peer_id)
+    async def close(self, conns: Iterable[PeerConnection]) -> None:
+        for conn in list(conns):
+            await self.forget(conn)
         if self._closing:  # give TURN allocations a moment to be deleted on the way out
             await asyncio.wait(list(self._closing), timeout=2)
 
-    def explain(self, peer_id: str) -> list[str]:
-        st = self.peers.get(peer_id)
-        return list(st.history) if st else []
-
-    def renewals(self, peer_id: str) -> int:
-        st = self.peers.get(peer_id)
-        return st.renewals if st else 0
-
-    def proxy_status(self, peer_id: str) -> dict[str, Any] | None:
-        st = self.peers.get(peer_id)
-        return st.proxy.status() if st and st.proxy else None
-
-    def relayed_bytes(self, peer_id: str) -> tuple[int, int]:
+    @staticmethod
+    def relayed_bytes(conn: PeerConnection) -> tuple[int, int]:
         """(sent, received) through TURN relays for this peer since it joined our map."""
-        st = self.peers.get(peer_id)
-        if st is None:
-            return 0, 0
+        st = conn.nat
         sent, received = st.relayed_sent, st.relayed_received
         if st.proxy is not None and st.proxy.pair.relayed:
             sent, received = sent + st.proxy.to_peer_bytes, received + st.proxy.from_peer_bytes

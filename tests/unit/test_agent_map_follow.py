@@ -1,5 +1,6 @@
-"""The agent's map stream handling with a scripted coordinator: a map of an unknown version or a malformed
-message is refused with a clear status and changes nothing the agent holds or has configured."""
+"""The agent's map stream handling with a scripted coordinator and a recording WireGuard: a map of an unknown
+version or a malformed message is refused with a clear status and changes nothing the agent holds or has
+configured; the reconciler keeps one link and one WireGuard peer per map peer."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class RecordingBackend(WireGuardBackend):
         self.configured.pop(public_key, None)
 
     def peers(self) -> dict[str, PeerStats]:
-        return {}
+        return {k: PeerStats(k, c.endpoint, list(c.allowed_ips)) for k, c in self.configured.items()}
 
     def listen_port(self) -> int:
         return 51820
@@ -125,3 +126,44 @@ async def test_a_malformed_delta_changes_nothing_and_says_which_field(tmp_path: 
     assert set(backend.configured) == {p["public_key"] for p in first["peers"]}
     saved = json.loads((tmp_path / "map.json").read_text())
     assert saved["serial"] == first["serial"] and saved["version"] == 1  # the cache holds the last good map
+
+
+# ----- the reconciler: links and WireGuard follow the map ------------------------------------------
+async def test_links_follow_the_map_added_rotated_removed_and_stale_peers(tmp_path: Path) -> None:
+    first = golden_map()
+    third = {"id": "p9", "name": "peer9", "mesh_ip": "100.64.0.9", "allowed_ips": ["100.64.0.9/32"]}
+    first["peers"].append({**first["peers"][1], **third, "public_key": "CQAHCQkABwkJAAcJCQAHCQkABwkJAAcJCQAHCQkABwk="})
+    peers = first["peers"]
+    rotated = {**peers[0], "public_key": "AAEHCQABBwkAAQcJAAEHCQABBwkAAQcJAAEHCQABBwk="}
+    renamed = {**peers[1], "name": "renamed", "allowed_ips": ["100.64.0.3/32", "198.19.7.0/24"]}
+    delta = {
+        "type": "delta",
+        "version": 1,
+        "serial": first["serial"] + 1,
+        "base_serial": first["serial"],
+        "peers_upsert": [rotated, renamed],
+        "peers_remove": [peers[2]["id"]],
+    }
+    agent, backend = make_agent(tmp_path, [("map", first)])
+    backend.configured["STALE" + "A" * 38 + "="] = PeerConfig("STALE" + "A" * 38 + "=", ())  # not in any map
+    await follow_until(agent, lambda: agent.map.serial == first["serial"])
+    assert set(agent.links) == {p["id"] for p in peers}
+    assert set(backend.configured) == {p["public_key"] for p in peers}  # the stale peer went with the full map
+    links = dict(agent.links)
+    agent.api = ScriptedApi([("delta", delta)])  # type: ignore[assignment]
+    await follow_until(agent, lambda: agent.map.serial == delta["serial"])
+    # The rotated peer keeps its link (path, relay state); its new key carries the allowed IPs and
+    # its old key stays without them for OLD_KEY_GRACE (packets queued for it still leave).
+    p0 = agent.links[peers[0]["id"]]
+    assert p0 is links[peers[0]["id"]] and p0.conn.public_key == rotated["public_key"]
+    assert backend.configured[rotated["public_key"]].allowed_ips == tuple(peers[0]["allowed_ips"])
+    assert backend.configured[peers[0]["public_key"]].allowed_ips == ()
+    assert agent.link_for_key(rotated["public_key"]) is p0 and agent.link_for_key(peers[0]["public_key"]) is None
+    p1 = agent.links[peers[1]["id"]]
+    assert p1.conn.name == "renamed" and backend.configured[peers[1]["public_key"]].allowed_ips == (
+        "100.64.0.3/32",
+        "198.19.7.0/24",
+    )
+    assert peers[2]["id"] not in agent.links and peers[2]["public_key"] not in backend.configured
+    assert links[peers[2]["id"]].closed
+    assert agent.peer_name(rotated["public_key"]) == peers[0]["name"] and agent.peer_name("nobody") is None
