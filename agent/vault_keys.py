@@ -10,20 +10,19 @@ directory and used at start-up when Vault is unreachable or sealed (never when V
 wrong credentials or a denied path are configuration errors and stop the agent with a clear
 message). `reload()` (key rotation) never uses the cache: a rotation must see Vault's latest key.
 
-Plain httpx, no hvac: the agent's dependencies stay small and three endpoints are all it needs.
+Vault is spoken to through the client both services share, `starling_proto.vault.VaultClient` (plain httpx,
+no hvac: the agent's dependencies stay small); this module turns its errors into the agent's messages.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from agent.config import write_private
 from agent.keys import FileKeySource, KeyError_, KeySource, decode_key
+from starling_proto import vault
 
 log = logging.getLogger(__name__)
 
@@ -63,30 +62,49 @@ class VaultKeySource:
             raise KeyError_(f"key_source.url {self.url!r} must start with http:// or https://")
         self.mount = str(spec.get("mount", "starling")).strip("/")
         self.path = str(spec["path"]).strip("/")
-        if not self.mount or not self.path or ".." in self.path.split("/"):
+        if not self.mount or not self.path or ".." in f"{self.mount}/{self.path}".split("/"):
             raise KeyError_("key_source.mount and key_source.path must be non-empty Vault paths")
         self.approle_mount = str(spec.get("approle_mount", "approle")).strip("/")
-        self.role_id = spec.get("role_id")
+        if not self.approle_mount:
+            raise KeyError_("key_source.approle_mount must not be empty")
+        role_id = spec.get("role_id")
+        if role_id is not None and not isinstance(role_id, str):
+            raise KeyError_("key_source.role_id must be a string")
+        self.role_id = role_id or None
         self.role_id_file = _opt_path(spec, "role_id_file")
         self.secret_id_file = _opt_path(spec, "secret_id_file")
         self.token_file = _opt_path(spec, "token_file")
-        if self.token_file is None and not (self.secret_id_file and (self.role_id or self.role_id_file)):
+        auth: vault.Auth
+        if self.token_file is not None:
+            auth = vault.TokenAuth(token_file=self.token_file)
+        elif self.secret_id_file and (self.role_id or self.role_id_file):
+            auth = vault.AppRoleAuth(
+                role_id=self.role_id,
+                role_id_file=None if self.role_id else self.role_id_file,
+                secret_id_file=self.secret_id_file,
+                mount=self.approle_mount,
+            )
+        else:
             raise KeyError_(
                 "key_source (vault) needs AppRole credentials (role_id or role_id_file, and secret_id_file) "
                 "or a token_file"
             )
-        self.namespace = spec.get("namespace")
+        namespace = spec.get("namespace")
+        if namespace is not None and not isinstance(namespace, str):
+            raise KeyError_("key_source.namespace must be a string")
         verify = spec.get("verify", True)
         if not isinstance(verify, bool | str):
             raise KeyError_("key_source.verify must be true/false or a CA bundle path")
-        self.verify = verify
-        self.timeout = float(spec.get("timeout", 10))
+        try:
+            timeout = float(spec.get("timeout", 10))
+        except (TypeError, ValueError):
+            timeout = 0.0
+        if not timeout > 0:
+            raise KeyError_("key_source.timeout must be a positive number of seconds")
+        self.namespace, self.verify, self.timeout = namespace, verify, timeout
+        self.client = vault.VaultClient(self.url, auth, namespace=namespace, verify=verify, timeout=self.timeout)
         self.cache_file: Path | None = state_dir / "private.key.cache" if spec.get("cache", True) else None
         self.version: int | None = None
-        self._token: str | None = None
-        self._token_expires = 0.0  # monotonic; 0 = never (root/periodic tokens)
-        self._renew_at = 0.0
-        self._renewable = False
         self._loaded: str | None = None
 
     def __repr__(self) -> str:
@@ -129,7 +147,8 @@ class VaultKeySource:
     def find(self, public_key: str, depth: int = 10) -> str | None:
         """The private key of an earlier version whose public key is `public_key` (up to `depth` versions
         back), or None: the proof for the key the coordinator still holds after a rotation made in Vault
-        while this agent was down. Never the cache."""
+        while this agent was down. Never the cache. (Versions are read one by one: a host's policy does not
+        allow reading the metadata.)"""
         from agent.keys import public_key_of
 
         latest = self.version
@@ -151,101 +170,57 @@ class VaultKeySource:
 
     def maintain(self) -> None:
         """Keep the token alive (called periodically by the daemon): renew at half its lease."""
-        if self._token is None or self.token_file is not None or not self._renewable:
-            return
-        if time.monotonic() < self._renew_at:
-            return
         try:
-            body = self._request("POST", "/v1/auth/token/renew-self", {})
-        except KeyError_ as exc:
+            self.client.renew_if_due()
+        except vault.VaultError as exc:
             log.info("Vault token renewal failed (%s): logging in again at next use", exc)
-            self._token = None
-            return
-        self._remember_lease(body.get("auth") or {})
 
     # ----- Vault calls -----------------------------------------------------------------------
     def _read_secret(self, version: int | None = None) -> tuple[dict[str, Any], int | None]:
-        query = f"?version={version}" if version is not None else ""
-        for attempt in (1, 2):
-            self._ensure_token()
-            try:
-                body = self._request("GET", f"/v1/{self.mount}/data/{self.path}{query}")
-            except _Denied:
-                if attempt == 1 and self.token_file is None:
-                    self._token = None  # a revoked or expired token: log in once more
-                    continue
-                raise KeyError_(
-                    f"Vault denied reading {self.where}: this host's policy does not allow it "
-                    "(wrong path, or the AppRole is bound to another host's policy)"
-                ) from None
-            data = (body.get("data") or {}).get("data")
-            meta = (body.get("data") or {}).get("metadata") or {}
-            if not isinstance(data, dict):
-                raise KeyError_(f"Vault secret {self.where} has no data (deleted version?)")
-            version = meta.get("version")
-            return data, version if isinstance(version, int) else None
-        raise AssertionError("unreachable")
-
-    def _ensure_token(self) -> None:
-        if self._token is not None and (self._token_expires == 0 or time.monotonic() < self._token_expires - 5):
-            return
-        if self.token_file is not None:
-            self._token = _read_file(self.token_file, "token_file")
-            self._token_expires = 0.0
-            return
-        role_id = self.role_id if isinstance(self.role_id, str) and self.role_id else None
-        if role_id is None:
-            assert self.role_id_file is not None
-            role_id = _read_file(self.role_id_file, "role_id_file")
-        assert self.secret_id_file is not None
-        secret_id = _read_file(self.secret_id_file, "secret_id_file")
         try:
-            body = self._request(
-                "POST", f"/v1/auth/{self.approle_mount}/login", {"role_id": role_id, "secret_id": secret_id}, auth=False
+            secret = self.client.read(self.mount, self.path, version)
+        except vault.VaultError as exc:
+            raise self._error(exc) from exc
+        if secret.data is None:
+            raise KeyError_(f"Vault secret {self.where} has no data (deleted version?)")
+        return secret.data, secret.version
+
+    def _error(self, exc: vault.VaultError) -> KeyError_:
+        """The agent's message for a failed Vault call (never a credential)."""
+        if isinstance(exc, vault.VaultCredentialError):
+            if exc.strerror is None:
+                return KeyError_(f"key_source.{exc.option} {exc.path} is empty")
+            return KeyError_(f"key_source.{exc.option} {exc.path}: {exc.strerror}")
+        if isinstance(exc, vault.VaultUnreachable):
+            why = "timed out" if exc.timed_out else exc.reason
+            return VaultUnavailable(f"Vault at {self.url} is unreachable ({why})")
+        if isinstance(exc, vault.VaultSealed):
+            return VaultUnavailable(f"Vault at {self.url} is sealed or in standby (503)")
+        if isinstance(exc, vault.VaultUnavailable):
+            return VaultUnavailable(f"Vault at {self.url} is {exc.state} ({exc.status}: {exc.details})")
+        if isinstance(exc, vault.VaultLoginFailed):
+            if exc.status == 400:
+                why = f"invalid role_id or secret_id (check {self.secret_id_file} and the role id)"
+            else:
+                why = f"{exc.details} (is AppRole auth enabled at auth/{self.approle_mount}/?)"
+            return KeyError_(f"Vault refused the AppRole login at {self.url}: {why}")
+        if isinstance(exc, vault.VaultTokenRejected):
+            return KeyError_(
+                f"Vault at {self.url} rejected the token in {self.token_file} (invalid, expired or revoked) "
+                f"reading {self.where}"
             )
-        except _Denied as exc:
-            raise KeyError_(
-                f"Vault refused the AppRole login at {self.url}: invalid role_id or secret_id "
-                f"(check {self.secret_id_file} and the role id)"
-            ) from exc
-        auth = body.get("auth") or {}
-        token = auth.get("client_token")
-        if not isinstance(token, str) or not token:
-            raise KeyError_(f"Vault AppRole login at {self.url} returned no token")
-        self._token = token
-        self._remember_lease(auth)
-
-    def _remember_lease(self, auth: dict[str, Any]) -> None:
-        lease = auth.get("lease_duration") or 0
-        now = time.monotonic()
-        self._renewable = bool(auth.get("renewable"))
-        self._token_expires = now + lease if lease else 0.0
-        self._renew_at = now + lease / 2 if lease else float("inf")
-
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *, auth: bool = True) -> Any:
-        headers = {}
-        if auth and self._token:
-            headers["X-Vault-Token"] = self._token
-        if self.namespace:
-            headers["X-Vault-Namespace"] = str(self.namespace)
-        try:
-            resp = httpx.request(
-                method, self.url + path, json=body, headers=headers, timeout=self.timeout, verify=self.verify
+        if isinstance(exc, vault.VaultDenied):
+            return KeyError_(
+                f"Vault denied reading {self.where}: this host's policy does not allow it "
+                "(wrong path, or the AppRole is bound to another host's policy)"
             )
-        except httpx.HTTPError as exc:
-            raise VaultUnavailable(f"Vault at {self.url} is unreachable ({exc.__class__.__name__})") from exc
-        if resp.status_code == 503:
-            raise VaultUnavailable(f"Vault at {self.url} is sealed or in standby (503)")
-        if resp.status_code in (400, 403) and ("permission denied" in resp.text or "invalid" in resp.text):
-            raise _Denied(resp.status_code)
-        if resp.status_code == 404:
-            raise KeyError_(f"no secret at {self.where} in Vault (create it with starling.mesh.wireguard_key)")
-        if resp.status_code >= 400:
-            raise KeyError_(f"Vault answered {resp.status_code} for {method} {path.split('?')[0]}")
-        try:
-            return resp.json() if resp.content else {}
-        except ValueError as exc:
-            raise KeyError_(f"Vault at {self.url} answered with something that is not JSON") from exc
+        if isinstance(exc, vault.VaultNotFound):
+            if exc.route_missing:
+                return KeyError_(f"no KV v2 secrets engine is mounted at {self.mount}/ in Vault at {self.url}")
+            if exc.action.startswith("reading version"):
+                return KeyError_(f"no {exc.action.removeprefix('reading ').removesuffix(' of')} of {self.where}")
+            return KeyError_(f"no secret at {self.where} in Vault (create it with starling.mesh.wireguard_key)")
+        return KeyError_(str(exc))
 
     # ----- cache -----------------------------------------------------------------------------
     def _read_cache(self) -> str | None:
@@ -268,12 +243,6 @@ class VaultKeySource:
             log.warning("cannot write the key cache %s: %s", self.cache_file, exc.strerror)
 
 
-class _Denied(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"denied ({status})")
-        self.status = status
-
-
 def _opt_path(spec: dict[str, Any], key: str) -> Path | None:
     value = spec.get(key)
     if value in (None, ""):
@@ -281,16 +250,6 @@ def _opt_path(spec: dict[str, Any], key: str) -> Path | None:
     if not isinstance(value, str):
         raise KeyError_(f"key_source.{key} must be a file path")
     return Path(value)
-
-
-def _read_file(path: Path, option: str) -> str:
-    try:
-        value = path.read_text().strip()
-    except OSError as exc:
-        raise KeyError_(f"key_source.{option} {path}: {exc.strerror}") from exc
-    if not value:
-        raise KeyError_(f"key_source.{option} {path} is empty")
-    return value
 
 
 def make_key_source(spec: dict[str, Any], state_dir: Path) -> KeySource:

@@ -11,7 +11,7 @@ import importlib.util
 import sys
 
 NEEDS = {
-    "coordinator": ("fastapi", "uvicorn", "pydantic", "sqlalchemy", "alembic", "hvac", "jinja2"),
+    "coordinator": ("fastapi", "uvicorn", "pydantic", "sqlalchemy", "alembic", "jinja2"),
     "signal": ("starlette", "uvicorn", "pydantic"),
 }
 

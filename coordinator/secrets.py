@@ -21,14 +21,27 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-import hvac
-import hvac.exceptions
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from coordinator.identity import decode_identity_key, new_identity_key
+from starling_proto.vault import (
+    AppRoleAuth,
+    Auth,
+    TokenAuth,
+    VaultCasMismatch,
+    VaultClient,
+    VaultCredentialError,
+    VaultDenied,
+    VaultError,
+    VaultNotFound,
+    VaultSealed,
+    VaultTokenRejected,
+    VaultUnavailable,
+    VaultUnreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +52,6 @@ _VAULT_OPTIONS: dict[str, tuple[tuple[type, ...], str]] = dict.fromkeys(
     ((str,), "a string"),
 ) | {"verify": ((bool, str), "true/false or a CA bundle path"), "timeout": ((int, float), "a number")}
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_T = TypeVar("_T")
 
 
 class SecretError(Exception):
@@ -119,7 +131,10 @@ class StaticSecrets:
 
 
 class VaultSecrets:
-    """Secrets in a Vault/OpenBao KV v2 engine: ``<mount>/data/<path>/<key>``, field ``value``."""
+    """Secrets in a Vault/OpenBao KV v2 engine: ``<mount>/data/<path>/<key>``, field ``value``.
+
+    Vault is spoken to through :class:`starling_proto.vault.VaultClient` (token or AppRole, re-login when the
+    token expires or is refused); its errors become :class:`SecretError` with the messages operators see."""
 
     name = "vault"
 
@@ -146,125 +161,79 @@ class VaultSecrets:
         if has_role and not (secret_id or secret_id_file):
             raise SecretError("vault: role_id needs secret_id or secret_id_file")
         self.url, self.mount, self.path = url.rstrip("/"), mount.strip("/"), path.strip("/")
-        self._token, self._token_file = token, token_file
-        self._role_id, self._secret_id, self._secret_id_file = role_id, secret_id, secret_id_file
-        self._namespace, self._verify, self._timeout = namespace, verify, timeout
-        self._client: Any = None
+        if not self.mount or not self.path or ".." in f"{self.mount}/{self.path}".split("/"):
+            raise SecretError("vault: mount and path must be non-empty Vault paths")
+        self._approle = has_role
+        auth: Auth = (
+            AppRoleAuth(role_id=role_id, secret_id=secret_id or None, secret_id_file=secret_id_file)
+            if has_role
+            else TokenAuth(token=token or None, token_file=None if token else token_file)
+        )
+        try:
+            self._client = VaultClient(self.url, auth, namespace=namespace, verify=verify, timeout=timeout)
+        except ValueError as e:
+            raise SecretError(f"vault: url {self.url!r} must start with http:// or https://") from e
 
     def __repr__(self) -> str:
-        auth = "approle" if self._role_id else "token"
+        auth = "approle" if self._approle else "token"
         return f"VaultSecrets(url={self.url!r}, mount={self.mount!r}, path={self.path!r}, auth={auth!r})"
 
     def _where(self, key: str) -> str:
         return f"{self.mount}/data/{self.path}/{key}"
 
-    def _read_file(self, file: Path | None, option: str) -> str:
-        try:
-            value = Path(file or "").read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise SecretError(f"vault: cannot read {option} {file}: {e.strerror}") from e
-        if not value:
-            raise SecretError(f"vault: {option} {file} is empty")
-        return value
-
-    def _login(self) -> Any:
-        client = hvac.Client(url=self.url, namespace=self._namespace, verify=self._verify, timeout=self._timeout)
-        if not self._role_id:
-            client.token = self._token or self._read_file(self._token_file, "token_file")
-            return client
-        secret_id = self._secret_id or self._read_file(self._secret_id_file, "secret_id_file")
-        try:
-            client.auth.approle.login(role_id=self._role_id, secret_id=secret_id)
-        except hvac.exceptions.InvalidRequest as e:
-            raise SecretError(f"vault at {self.url}: AppRole login failed ({_errors(e)})") from e
-        except hvac.exceptions.Forbidden as e:
-            raise SecretError(
-                f"vault at {self.url}: AppRole login denied (is AppRole auth enabled at auth/approle/?)"
-            ) from e
-        except (hvac.exceptions.VaultError, OSError) as e:
-            raise self._error(e, "logging in with AppRole", "auth/approle/login") from e
-        return client
-
-    def _call(self, verb: str, key: str, fn: Callable[[Any], _T]) -> _T:
-        for attempt in (1, 2):
-            if self._client is None:
-                self._client = self._login()
-            try:
-                return fn(self._client)
-            except hvac.exceptions.Forbidden as e:
-                if attempt == 1 and self._role_id:  # AppRole token may have expired: log in again
-                    self._client = None
-                    continue
-                raise self._error(e, verb, self._where(key)) from e
-            except (hvac.exceptions.VaultError, OSError) as e:
-                raise self._error(e, verb, self._where(key)) from e
-        raise AssertionError("unreachable")
-
-    def _error(self, e: Exception, verb: str, where: str) -> SecretError:
+    def _error(self, e: VaultError, verb: str, where: str) -> SecretError:
         prefix = f"vault at {self.url}"
-        if isinstance(e, OSError):  # requests' ConnectionError/Timeout derive from OSError
-            why = "timed out" if "timeout" in type(e).__name__.lower() else "connection failed"
-            return SecretError(f"{prefix}: unreachable while {verb} {where} ({why})")
-        if isinstance(e, hvac.exceptions.VaultDown):
-            state = "sealed" if "sealed" in _errors(e).lower() else f"unavailable ({_errors(e)})"
-            return SecretError(f"{prefix}: vault is {state} (while {verb} {where})")
-        if isinstance(e, hvac.exceptions.VaultNotInitialized):
+        if isinstance(e, VaultCredentialError):
+            return SecretError(f"vault: {e}")
+        if e.login and not isinstance(e, VaultUnavailable):
+            if e.status == 400:
+                return SecretError(f"{prefix}: AppRole login failed ({e.details})")
+            if e.status in (403, 404):
+                return SecretError(f"{prefix}: AppRole login denied (is AppRole auth enabled at auth/approle/?)")
+        if e.login:
+            verb, where = "logging in with AppRole", e.where
+        if isinstance(e, VaultUnreachable):
+            return SecretError(f"{prefix}: unreachable while {verb} {where} ({_why(e)})")
+        if isinstance(e, VaultSealed):
+            return SecretError(f"{prefix}: vault is sealed (while {verb} {where})")
+        if isinstance(e, VaultUnavailable) and e.state == "not initialized":
             return SecretError(f"{prefix}: vault is not initialized")
-        if isinstance(e, hvac.exceptions.Forbidden):
-            if not self._role_id and not self._token_valid():
-                why = "token rejected (invalid, expired or revoked)"
-                return SecretError(f"{prefix}: {why} while {verb} {where}")
+        if isinstance(e, VaultUnavailable):
+            return SecretError(f"{prefix}: vault is unavailable ({e.details}) (while {verb} {where})")
+        if isinstance(e, VaultTokenRejected):
+            return SecretError(f"{prefix}: token rejected (invalid, expired or revoked) while {verb} {where}")
+        if isinstance(e, VaultDenied):
             return SecretError(f"{prefix}: permission denied {verb} {where}")
-        if isinstance(e, hvac.exceptions.InvalidPath) and e.errors:
-            return SecretError(f"{prefix}: no KV v2 secrets engine mounted at {self.mount}/ ({_errors(e)})")
-        return SecretError(f"{prefix}: {verb} {where} failed: {type(e).__name__}: {_errors(e)}")
-
-    def _token_valid(self) -> bool:
-        try:
-            self._client.auth.token.lookup_self()
-        except hvac.exceptions.Forbidden:
-            return False
-        except (hvac.exceptions.VaultError, OSError):
-            pass
-        return True
+        if isinstance(e, VaultNotFound) and e.route_missing:
+            return SecretError(f"{prefix}: no KV v2 secrets engine mounted at {self.mount}/ ({e.details})")
+        return SecretError(f"{prefix}: {verb} {where} failed: {type(e).__name__}: {e.details}")
 
     def get(self, key: str) -> str | None:
         _check_key(key)
-
-        def read(c: Any) -> dict[str, Any] | None:
-            try:
-                return c.secrets.kv.v2.read_secret_version(  # type: ignore[no-any-return]
-                    path=f"{self.path}/{key}", mount_point=self.mount, raise_on_deleted_version=True
-                )
-            except hvac.exceptions.InvalidPath as e:
-                if e.errors:  # "no handler for route": the mount is missing
-                    raise
-                return None  # no such entry, or its latest version is deleted
-
-        resp = self._call("reading", key, read)
-        if resp is None:
-            return None
-        value = ((resp.get("data") or {}).get("data") or {}).get("value")
+        try:
+            secret = self._client.read(self.mount, f"{self.path}/{key}")
+        except VaultNotFound as e:
+            if e.route_missing:  # "no handler for route": the mount is missing
+                raise self._error(e, "reading", self._where(key)) from None
+            return None  # no such entry
+        except VaultError as e:
+            raise self._error(e, "reading", self._where(key)) from None
+        if secret.data is None:
+            return None  # its latest version is deleted (or destroyed)
+        value = secret.data.get("value")
         if not isinstance(value, str):
             raise SecretError(f"vault at {self.url}: {self._where(key)} has no string field 'value'")
         return value
 
     def create(self, key: str, value: str) -> str:
         _check_key(key)
-
-        def write(c: Any) -> bool:
-            try:
-                c.secrets.kv.v2.create_or_update_secret(
-                    path=f"{self.path}/{key}", secret={"value": value}, cas=0, mount_point=self.mount
-                )
-            except hvac.exceptions.InvalidRequest as e:
-                if "check-and-set" in _errors(e):
-                    return False
-                raise
-            return True
-
-        if self._call("writing", key, write):
+        try:
+            self._client.write(self.mount, f"{self.path}/{key}", {"value": value}, cas=0)
             return value
+        except VaultCasMismatch:
+            pass  # it exists already
+        except VaultError as e:
+            raise self._error(e, "writing", self._where(key)) from None
         existing = self.get(key)
         if existing is None:
             raise SecretError(
@@ -275,11 +244,8 @@ class VaultSecrets:
         return existing
 
 
-def _errors(e: Exception) -> str:
-    errors = getattr(e, "errors", None)
-    if errors:
-        return ", ".join(str(x) for x in errors)
-    return str(e.args[0]) if e.args and e.args[0] else "no details"
+def _why(e: VaultUnreachable) -> str:
+    return "timed out" if e.timed_out else "connection failed"
 
 
 def load_secret_source(cfg: Mapping[str, Any], state_dir: Path) -> SecretSource:

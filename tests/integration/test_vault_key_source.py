@@ -15,7 +15,7 @@ import yaml
 from agent.keys import KeyError_, public_key_of
 from agent.vault_keys import VaultKeySource
 from tests.fixtures.openbao import OpenBao, file_server
-from tests.fixtures.vault_mesh import VaultPeers
+from tests.fixtures.vault_mesh import MOUNT, VaultPeers, key_path
 
 pytestmark = pytest.mark.slow
 
@@ -111,15 +111,46 @@ def test_token_is_renewed_at_half_its_lease(vault: tuple[OpenBao, VaultPeers], t
     )
     src = source(spec, tmp_path)
     src.load()
-    token = src._token
-    assert token is not None
-    first_expiry = src._token_expires
-    src._renew_at = 0.0  # pretend half the lease has passed
+    token = src.client.token
+    assert token is not None and src.client.renewable
+    first_expiry = src.client.token_expires
+    src.client.renew_at = 0.0  # pretend half the lease has passed
     src.maintain()
-    assert src._token == token and src._token_expires > first_expiry
+    assert src.client.token == token and src.client.token_expires > first_expiry
     ttl = bao.client(token).auth.token.lookup_self()["data"]["ttl"]
     assert 50 <= ttl <= 60
     src.reload()  # the renewed token still reads
+
+
+def test_earlier_versions_prove_an_older_key(vault: tuple[OpenBao, VaultPeers], tmp_path: Path) -> None:
+    _, peers = vault
+    spec = peers.add("h8")["key_source"]
+    _, first = peers.current("h8")
+    peers.write_key("h8")
+    version, _ = peers.write_key("h8")
+    src = source(spec, tmp_path)
+    src.load()
+    assert src.version == version
+    assert src.find(public_key_of(first["private_key"])) == first["private_key"]  # version 1, read by number
+    assert src.find(public_key_of(src.load())) is None  # only earlier versions are searched
+
+
+def test_token_file(vault: tuple[OpenBao, VaultPeers], tmp_path: Path) -> None:
+    bao, peers = vault
+    peers.add("h9")
+    token_file = tmp_path / "token"
+    token_file.write_text(bao.root_token + "\n")
+    spec = {"type": "vault", "url": bao.url, "mount": MOUNT, "path": key_path("h9"), "token_file": str(token_file)}
+    _, data = peers.current("h9")
+    assert VaultKeySource(spec, tmp_path / "a").load() == data["private_key"]
+    bad = "s.revoked-or-never-issued"
+    token_file.write_text(bad + "\n")
+    with pytest.raises(KeyError_, match=r"rejected the token in .*token \(invalid, expired or revoked\)") as exc:
+        VaultKeySource(spec, tmp_path / "a").load()  # refused, not unavailable: the cached key is not used
+    assert bad not in str(exc.value)
+    token_file.write_text("")
+    with pytest.raises(KeyError_, match=r"key_source.token_file .*token is empty"):
+        VaultKeySource(spec, tmp_path / "c").reload()
 
 
 def test_bad_key_source_config_is_refused(tmp_path: Path) -> None:

@@ -94,3 +94,15 @@ def test_signal_runs_with_only_its_extra() -> None:
     result = run_blocked(code, coordinator_only)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()  # the version
+
+
+def test_the_coordinator_needs_no_hvac() -> None:
+    """The services speak to Vault through starling_proto.vault (httpx); hvac is only the collection's."""
+    code = (
+        "import sys; import coordinator.secrets, coordinator.api.app, coordinator.cli\n"
+        "from coordinator.entry import coordinator_main; sys.argv = ['starling-coordinator', '--version']\n"
+        "coordinator_main()"
+    )
+    result = run_blocked(code, ("hvac",))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()

@@ -1,4 +1,5 @@
-"""Secret sources that need no Vault: config/env values, persistence, config errors, validation."""
+"""Secret sources that need no Vault server: config/env values, persistence, config errors, validation, and
+VaultSecrets' messages for each kind of Vault failure (Vault played by httpx.MockTransport)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import stat
 from pathlib import Path
 
+import httpx
 import pytest
 
 from coordinator.secrets import (
@@ -16,6 +18,7 @@ from coordinator.secrets import (
     ensure_secrets,
     load_secret_source,
 )
+from starling_proto.vault import AppRoleAuth, TokenAuth, VaultClient
 
 
 def mode(p: Path) -> int:
@@ -163,3 +166,47 @@ def test_vault_missing_token_file(tmp_path: Path) -> None:
     src = VaultSecrets(url="http://127.0.0.1:1", token_file=tmp_path / "nope")
     with pytest.raises(SecretError, match="cannot read token_file"):
         src.get("admin_token")
+
+
+# ----- VaultSecrets' messages for every kind of Vault failure (Vault played by httpx.MockTransport) ----------------
+URL = "http://127.0.0.1:1"
+WHERE = "secret/data/starling/coordinator/admin_token"
+APPROLE = {"role_id": "rid", "secret_id": "sid-never-shown"}
+
+
+def errors(status: int, *messages: str) -> httpx.Response:
+    return httpx.Response(status, json={"errors": list(messages)})
+
+
+@pytest.mark.parametrize(
+    ("respond", "approle", "message"),
+    [
+        (httpx.ReadTimeout("slow"), False, f"unreachable while reading {WHERE} (timed out)"),
+        (httpx.ConnectError("refused"), False, f"unreachable while reading {WHERE} (connection failed)"),
+        (errors(503, "Vault is sealed"), False, f"vault is sealed (while reading {WHERE})"),
+        (errors(501, "Vault is not initialized"), False, "vault is not initialized"),
+        (errors(503, "standby"), False, f"vault is unavailable (standby) (while reading {WHERE})"),
+        (errors(500, "boom"), False, f"reading {WHERE} failed: VaultProtocolError: boom"),
+        (errors(400, "invalid role or secret ID"), True, "AppRole login failed (invalid role or secret ID)"),
+        (errors(403, "permission denied"), True, "AppRole login denied (is AppRole auth enabled at auth/approle/?)"),
+        (errors(503, "Vault is sealed"), True, "vault is sealed (while logging in with AppRole auth/approle/login)"),
+        (
+            httpx.Response(200, json={"data": {"data": {"v": 1}, "metadata": {"version": 1}}}),
+            False,
+            f"{WHERE} has no string field 'value'",
+        ),
+    ],
+)
+def test_vault_error_messages(respond: httpx.Response | Exception, approle: bool, message: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(respond, Exception):
+            raise respond
+        return respond
+
+    src = VaultSecrets(url=URL, **(APPROLE if approle else {"token": "t"}))
+    auth = AppRoleAuth(role_id="rid", secret_id=APPROLE["secret_id"]) if approle else TokenAuth(token="t")
+    src._client = VaultClient(URL, auth, transport=httpx.MockTransport(handler))
+    with pytest.raises(SecretError) as exc:
+        src.get("admin_token")
+    assert str(exc.value) == f"vault at {URL}: {message}"
+    assert APPROLE["secret_id"] not in str(exc.value)
