@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from agent.keys import private_key_object
+from agent.status import PathReport
 from starling_proto.seal import Purpose, SealError, seal
 
 
@@ -101,7 +102,7 @@ class PeerApi:
     async def signal_token(self) -> str:
         return str((await self._post("/api/v1/peer/signal-token")).json()["token"])
 
-    async def report_state(self, connections: list[dict[str, Any]]) -> None:
+    async def report_state(self, connections: list[PathReport]) -> None:
         await self._post("/api/v1/peer/state", {"connections": connections})
 
     async def change_key(

@@ -11,6 +11,8 @@ import socket
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.status import AgentStatus, Explanation
+
 MAX_REQUEST = 4096
 
 
@@ -19,11 +21,11 @@ class ControlError(Exception):
 
 
 class Controlled(Protocol):
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> AgentStatus: ...
 
     def request_stop(self, remove: bool = False) -> None: ...
 
-    def explain(self, name: str) -> dict[str, Any] | None: ...
+    def explain(self, name: str) -> Explanation | None: ...
 
     async def reload_key(
         self, expect_public_key: str | None = None, verify_timeout: float = 30.0

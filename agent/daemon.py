@@ -24,7 +24,7 @@ import platform
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PeerConnection
 from agent.rekey import KeyRotator
 from agent.signalling import Signalling
-from agent.status import ServiceStatus
+from agent.status import AgentStatus, Explanation, PathReport, ServiceStatus
 from agent.wg import WireGuardBackend
 from agent.wg.backend import PeerStats
 from agent.wg.port import ThreadedWireGuard
@@ -51,7 +51,7 @@ log = logging.getLogger("starling.agent")
 RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
 
 
-def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Any:
+def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Iterator[float]:
     delay = start
     while True:
         yield random.uniform(0, delay)  # noqa: S311 - full jitter
@@ -447,11 +447,11 @@ class Agent:
                     log.exception("watchdog: peer %s", link.conn.name)
 
     async def _reporter(self) -> None:
-        last: list[dict[str, Any]] | None = None
+        last: list[PathReport] | None = None
         last_sent = 0.0
         while True:
             await asyncio.sleep(self.config.report_interval)
-            report = [
+            report: list[PathReport] = [
                 {
                     "peer_id": c.peer_id,
                     "path": c.state.value,
@@ -474,7 +474,7 @@ class Agent:
                 log.debug("state report failed: %s", exc)
 
     # ----- status -----------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AgentStatus:
         return {
             "version": __version__,
             "name": self.state.name,
@@ -494,19 +494,10 @@ class Agent:
                 "stun_servers": [f"{h}:{p}" for h, p in self.endpoints.stun_servers()],
             },
             "uptime": time.time() - self.started,
-            "peers": sorted((self._peer_status(link.conn) for link in self.links.values()), key=lambda p: p["name"]),
+            "peers": sorted((link.conn.status() for link in self.links.values()), key=lambda p: p["name"]),
         }
 
-    def _peer_status(self, conn: PeerConnection) -> dict[str, Any]:
-        sent, received = Fallback.relayed_bytes(conn)
-        return {
-            **conn.status(),
-            "proxy": conn.nat.status(),
-            "relayed_sent_bytes": sent,
-            "relayed_received_bytes": received,
-        }
-
-    def explain(self, name: str) -> dict[str, Any] | None:
+    def explain(self, name: str) -> Explanation | None:
         """Why a peer is on its path: NAT facts, candidates, the attempts and their results."""
         conn = next(
             (
@@ -519,7 +510,7 @@ class Agent:
         if conn is None:
             return None
         return {
-            "peer": self._peer_status(conn),
+            "peer": conn.status(),
             "our_candidates": [c.to_wire() for c in self.endpoints.cached],  # cache: no netlink on the loop
             "reflexive": self.endpoints.reflexive.status(),
             "controlling": self.fallback.controlling(conn),

@@ -5,24 +5,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from agent.status import AgentStatus
 
 PATHS = ("idle", "connecting", "direct", "relayed", "lost")
 FIREWALL_STATES = ("absent", "guard", "enforcing", "error", "disabled")
 
 
 class AgentCollector(Collector):
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, status: Callable[[], AgentStatus]) -> None:
         self.status = status
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         st = self.status()
         now = time.time()
-        peers = st.get("peers", [])
+        peers = st["peers"]
         by_path = GaugeMetricFamily("starling_agent_peers", "Remote peers by path type", labels=["path"])
         for kind in PATHS:
             by_path.add_metric([kind], sum(1 for p in peers if p["path"] == kind))
@@ -41,32 +42,36 @@ class AgentCollector(Collector):
         )
         for p in peers:
             path.add_metric([p["name"], p["path"]], 1)
-            if p.get("last_handshake"):
-                age.add_metric([p["name"]], max(0.0, now - float(p["last_handshake"])))
+            handshake = p["last_handshake"]
+            if handshake:
+                age.add_metric([p["name"]], max(0.0, now - handshake))
             rx.add_metric([p["name"]], p["rx_bytes"])
             tx.add_metric([p["name"]], p["tx_bytes"])
             changes.add_metric([p["name"]], p["path_changes"])
-            relayed.add_metric([p["name"], "sent"], p.get("relayed_sent_bytes", 0))
-            relayed.add_metric([p["name"], "received"], p.get("relayed_received_bytes", 0))
+            relayed.add_metric([p["name"], "sent"], p["relayed_sent_bytes"])
+            relayed.add_metric([p["name"], "received"], p["relayed_received_bytes"])
         yield from (path, age, rx, tx, changes, relayed)
-        for service in ("management", "signal"):
+        for service, connected in (
+            ("management", st["management"]["connected"]),
+            ("signal", st["signal"]["connected"]),
+        ):
             gauge = GaugeMetricFamily(f"starling_agent_{service}_connected", f"1 when the {service} connection is up")
-            gauge.add_metric([], 1 if st.get(service, {}).get("connected") else 0)
+            gauge.add_metric([], 1 if connected else 0)
             yield gauge
         fw = GaugeMetricFamily("starling_agent_firewall_state", "1 for the firewall's current state", labels=["state"])
-        state = st.get("firewall", {}).get("state", "absent")
+        state = st["firewall"]["state"]
         for s in FIREWALL_STATES:
             fw.add_metric([s], 1 if s == state else 0)
         yield fw
         mapped = GaugeMetricFamily("starling_agent_public_mapping_known", "1 when STUN told us our public mapping")
-        mapped.add_metric([], 1 if (st.get("nat", {}).get("reflexive") or {}).get("address") else 0)
+        mapped.add_metric([], 1 if st["nat"]["reflexive"]["address"] else 0)
         yield mapped
         serial = GaugeMetricFamily("starling_agent_map_serial", "Serial of the network map in use")
-        serial.add_metric([], st.get("map_serial", -1))
+        serial.add_metric([], st["map_serial"])
         yield serial
 
 
-def serve_metrics(listen: str, status: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+def serve_metrics(listen: str, status: Callable[[], AgentStatus]) -> CollectorRegistry:
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(status))

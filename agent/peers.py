@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.nat.state import PeerNat
+from agent.status import CandidateWire, PeerStatus
 
 HANDSHAKE_FRESH = 180.0  # WireGuard rekeys every 120 s; no handshake for 180 s means the path is dead
 CANDIDATE_TIMEOUT = 3.0
@@ -51,7 +52,7 @@ class Candidate:
     def ip(self) -> str:
         return self.address.rpartition(":")[0]
 
-    def to_wire(self) -> dict[str, str]:
+    def to_wire(self) -> CandidateWire:
         return {"address": self.address, "kind": self.kind}
 
 
@@ -252,7 +253,8 @@ class PeerConnection:
         self.offer_backoff = 30.0
         self.offline_until = mono_now + 30.0
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PeerStatus:
+        sent, received = self.nat.relayed_bytes()
         return {
             "peer_id": self.peer_id,
             "name": self.name,
@@ -272,4 +274,7 @@ class PeerConnection:
             "since": self.since,
             "path_changes": self.path_changes,
             "last_error": self.last_error,
+            "proxy": self.nat.status(),
+            "relayed_sent_bytes": sent,
+            "relayed_received_bytes": received,
         }

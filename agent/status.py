@@ -1,9 +1,139 @@
-"""One upstream service's connection status as `starling status` shows it (management, signal)."""
+"""What `starling status`, `starling explain` and the metrics endpoint show: the typed documents the
+daemon produces (sent as JSON over the control socket), and one upstream service's connection state
+(`ServiceStatus`: management, signal)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TypedDict
+
+
+class ServiceState(TypedDict):
+    connected: bool
+    last_error: str | None
+    since: float
+
+
+class ManagementState(ServiceState):
+    url: str
+
+
+class KeyState(TypedDict):
+    source: str
+    version: int | None
+
+
+class CandidateWire(TypedDict):
+    address: str
+    kind: str
+
+
+class ReflexiveStatus(TypedDict):
+    address: str | None  # the WireGuard port's public mapping (STUN)
+    server: str | None
+    mapped_to_wireguard_port: bool
+    learned_at: float | None
+    error: str | None
+
+
+class NatStatus(TypedDict):
+    reflexive: ReflexiveStatus
+    stun_servers: list[str]
+
+
+class ProxyStatus(TypedDict):
+    listen: str
+    pair: str
+    to_peer_bytes: int
+    from_peer_bytes: int
+    to_peer_packets: int
+    from_peer_packets: int
+    dropped: int
+
+
+class DriftEvent(TypedDict):
+    time: float
+    description: str
+
+
+class FirewallStatus(TypedDict):
+    mode: str
+    state: str
+    message: str
+    interface: str
+    installed: str | None
+    last_error: str | None
+    rules: int
+    sets: int
+    elements: int
+    last_apply_ms: float | None
+    drift_repairs: int
+    last_drift: DriftEvent | None
+    drift_detection: str
+
+
+class PeerStatus(TypedDict):
+    peer_id: str
+    name: str
+    public_key: str
+    mesh_ip: str
+    path: str
+    endpoint: str | None
+    proxied: bool
+    relay_server: str | None
+    local_candidate: str | None
+    remote_candidate: str | None
+    candidates: list[CandidateWire]
+    last_handshake: float | None
+    rx_bytes: int
+    tx_bytes: int
+    latency_ms: float | None
+    since: float
+    path_changes: int
+    last_error: str | None
+    proxy: ProxyStatus | None
+    relayed_sent_bytes: int
+    relayed_received_bytes: int
+
+
+class AgentStatus(TypedDict):
+    version: str
+    name: str
+    peer_id: str
+    mesh_ip: str
+    public_key: str
+    key: KeyState
+    interface: str
+    backend: str
+    listen_port: int
+    management: ManagementState
+    signal: ServiceState
+    map_serial: int
+    firewall: FirewallStatus
+    nat: NatStatus
+    uptime: float
+    peers: list[PeerStatus]
+
+
+class Explanation(TypedDict):
+    peer: PeerStatus
+    our_candidates: list[CandidateWire]
+    reflexive: ReflexiveStatus
+    controlling: bool
+    history: list[str]
+    turn_renewals: int
+
+
+class PathReport(TypedDict):
+    """One peer's path as the agent reports it to the coordinator (POST /api/v1/peer/state)."""
+
+    peer_id: str
+    path: str
+    endpoint: str | None
+    latency_ms: float | None
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: str | None
 
 
 class ServiceStatus:
@@ -19,5 +149,5 @@ class ServiceStatus:
             self.since = time.time()
         self.connected, self.last_error = connected, error
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ServiceState:
         return {"connected": self.connected, "last_error": self.last_error, "since": self.since}

@@ -22,12 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from agent.firewall.model import FAMILY, TABLE, CompiledRuleset, FirewallError, compile_firewall, guard_ruleset
 from agent.firewall.nft import Monitor, Nft
 from agent.firewall.nftjson import Plan, delete_table, diff, full_build
 from agent.firewall.state import parse_listing, problems
+from agent.status import DriftEvent, FirewallStatus
 from starling_proto.firewall import FirewallSection
 
 log = logging.getLogger("starling.agent.firewall")
@@ -100,7 +101,7 @@ class Firewall:
         self._last_apply_ms: float | None = None
         self._last_full_check = float("-inf")
         self._drift_repairs = 0
-        self._last_drift: dict[str, Any] | None = None
+        self._last_drift: DriftEvent | None = None
 
     # ----- public API ------------------------------------------------------------------------
     def install_guard(self) -> None:
@@ -210,7 +211,7 @@ class Firewall:
         if self._monitor is not None:
             self._monitor.stop()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> FirewallStatus:
         """A snapshot of the state; lock-free, so the daemon's event loop never waits on nft."""
         model = self._applied if self.mode == "enforce" else self._wanted
         enforced = model is not None and not model.guard

@@ -449,12 +449,3 @@ class Fallback:
             await self.forget(conn)
         if self._closing:  # give TURN allocations a moment to be deleted on the way out
             await asyncio.wait(list(self._closing), timeout=2)
-
-    @staticmethod
-    def relayed_bytes(conn: PeerConnection) -> tuple[int, int]:
-        """(sent, received) through TURN relays for this peer since it joined our map."""
-        st = conn.nat
-        sent, received = st.relayed_sent, st.relayed_received
-        if st.proxy is not None and st.proxy.pair.relayed:
-            sent, received = sent + st.proxy.to_peer_bytes, received + st.proxy.from_peer_bytes
-        return sent, received

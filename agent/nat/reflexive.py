@@ -21,6 +21,7 @@ from typing import Any
 from agent.firewall.model import FirewallError
 from agent.firewall.nft import Nft
 from agent.nat.stun import StunClient, StunError
+from agent.status import ReflexiveStatus
 
 log = logging.getLogger("starling.agent.nat")
 TABLE = "starling-stun"
@@ -136,7 +137,7 @@ class ReflexiveProbe:
             log.debug("removing %s: %s", TABLE, exc)
         self.mapped = False
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ReflexiveStatus:
         return {
             "address": self.address,
             "server": self.server,

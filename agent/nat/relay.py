@@ -27,6 +27,7 @@ from typing import Any, cast
 from aioice.ice import StunProtocol
 
 from agent.nat.ice import SelectedPair
+from agent.status import ProxyStatus
 
 log = logging.getLogger("starling.agent.relay")
 BUFFER = 4 * 1024 * 1024
@@ -140,7 +141,7 @@ class PairProxy:
             self.local.close()
             self.local = None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ProxyStatus:
         return {
             "listen": f"127.0.0.1:{self.port}",
             "pair": self.pair.describe(),

@@ -9,11 +9,12 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from agent.nat.ice import IceParams, IceSession
     from agent.nat.relay import PairProxy
+    from agent.status import ProxyStatus
 
 log = logging.getLogger("starling.agent.nat")
 
@@ -46,6 +47,13 @@ class PeerNat:
         self.history.append(f"{time.strftime('%H:%M:%S')} {text}")
         log.info("%s", text)
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self) -> ProxyStatus | None:
         """The relay proxy's status (None: no proxy)."""
         return self.proxy.status() if self.proxy else None
+
+    def relayed_bytes(self) -> tuple[int, int]:
+        """(sent, received) through TURN relays for this peer since it joined our map."""
+        sent, received = self.relayed_sent, self.relayed_received
+        if self.proxy is not None and self.proxy.pair.relayed:
+            sent, received = sent + self.proxy.to_peer_bytes, received + self.proxy.from_peer_bytes
+        return sent, received
