@@ -79,33 +79,33 @@ def _public(data: dict[str, Any]) -> dict[str, Any]:
 
 class CredentialService:
     def __init__(self, coord: ServiceContext) -> None:
-        self.c = coord
+        self.ctx = coord
 
     # ----- authentication ---------------------------------------------------------------------
     def authenticate(self, token: str) -> Caller:
-        if hmac.compare_digest(hash_secret(token), self.c.admin_token_hash):
+        if hmac.compare_digest(hash_secret(token), self.ctx.admin_token_hash):
             return Caller(actor="admin", scope="write")
         if not token.startswith(API_TOKEN_PREFIX):
             raise Unauthorized("API token is not valid")
         now = utcnow()
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             tok = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(token)))
             if tok is None or tok.revoked or (tok.expires_at is not None and tok.expires_at <= now):
                 raise Unauthorized("API token is not valid (unknown, revoked or expired)")
             actor, scope, tok_id, last = f"token:{tok.name}", tok.scope, tok.id, tok.last_used
         if last is None or now - last > dt.timedelta(minutes=1):
-            with self.c.store.transaction() as s:
+            with self.ctx.store.transaction() as s:
                 s.execute(update(ApiToken).where(ApiToken.id == tok_id).values(last_used=now))
         return Caller(actor=actor, scope="write" if scope == "write" else "read")
 
     # ----- setup keys -------------------------------------------------------------------------
     def list_keys(self, cursor: str | None, limit: int) -> Page[SetupKeyOut]:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             rows, nxt = page(s, select(SetupKey), SetupKey.name, cursor, limit)
             return Page[SetupKeyOut](items=[SetupKeyOut(**key_out(s, k)) for k in rows], next_cursor=nxt)
 
     def get_key(self, key_id: str) -> SetupKeyOut:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             key = s.get(SetupKey, key_id)
             if key is None:
                 raise NotFound("setup key", key_id)
@@ -138,7 +138,7 @@ class CredentialService:
             tx.audit("setup_key.create", "setup_key", key.id, key.name, None, _public(data))
             return SetupKeyCreated(**data, key=secret.clear)
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def update_key(self, actor: str, key_id: str, body: SetupKeyUpdate) -> SetupKeyOut:
         def run(tx: Tx) -> SetupKeyOut:
@@ -159,7 +159,7 @@ class CredentialService:
                 tx.audit(action, "setup_key", key.id, key.name, before, _public(data))
             return SetupKeyOut(**data)
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def delete_key(self, actor: str, key_id: str) -> None:
         def run(tx: Tx) -> None:
@@ -170,16 +170,16 @@ class CredentialService:
             tx.session.delete(key)
             tx.audit("setup_key.delete", "setup_key", key_id, key.name, before, None)
 
-        self.c.write(actor, run)
+        self.ctx.write(actor, run)
 
     # ----- API tokens -------------------------------------------------------------------------
     def list_tokens(self, cursor: str | None, limit: int) -> Page[TokenOut]:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             rows, nxt = page(s, select(ApiToken), ApiToken.name, cursor, limit)
             return Page[TokenOut](items=[TokenOut(**token_out(t)) for t in rows], next_cursor=nxt)
 
     def get_token(self, token_id: str) -> TokenOut:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             tok = s.get(ApiToken, token_id)
             if tok is None:
                 raise NotFound("token", token_id)
@@ -208,7 +208,7 @@ class CredentialService:
             tx.audit("token.create", "token", tok.id, tok.name, None, _public(data))
             return TokenCreated(**data, token=secret.clear)
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def update_token(self, actor: str, token_id: str, body: TokenUpdate) -> TokenOut:
         def run(tx: Tx) -> TokenOut:
@@ -225,7 +225,7 @@ class CredentialService:
                 tx.audit("token.revoke", "token", tok.id, tok.name, before, after)
             return TokenOut(**token_out(tok))
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def delete_token(self, actor: str, token_id: str) -> None:
         def run(tx: Tx) -> None:
@@ -235,4 +235,4 @@ class CredentialService:
             tx.session.delete(tok)
             tx.audit("token.delete", "token", token_id, tok.name, _public(token_out(tok)), None)
 
-        self.c.write(actor, run)
+        self.ctx.write(actor, run)

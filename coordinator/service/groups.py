@@ -34,7 +34,7 @@ def summary(session: Session, group: Group) -> dict[str, object]:
 
 class GroupService:
     def __init__(self, coord: ServiceContext) -> None:
-        self.c = coord
+        self.ctx = coord
 
     def _get(self, session: Session, group_id: str) -> Group:
         group = session.get(Group, group_id)
@@ -43,7 +43,7 @@ class GroupService:
         return group
 
     def find(self, *, name: str | None, cursor: str | None, limit: int) -> Page[GroupOut]:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             stmt = select(Group)
             if name:
                 stmt = stmt.where(Group.name == name)
@@ -51,7 +51,7 @@ class GroupService:
             return Page[GroupOut](items=[group_out(s, g) for g in rows], next_cursor=nxt)
 
     def get(self, group_id: str) -> GroupOut:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             return group_out(s, self._get(s, group_id))
 
     def create(self, actor: str, body: GroupIn) -> GroupOut:
@@ -71,7 +71,7 @@ class GroupService:
             tx.audit("group.create", "group", gid, group.name, None, summary(s, group))
             return out
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def update(self, actor: str, group_id: str, body: GroupUpdate) -> GroupOut:
         def run(tx: Tx) -> GroupOut:
@@ -94,7 +94,7 @@ class GroupService:
                 tx.audit("group.update", "group", group.id, group.name, before, after)
             return group_out(s, group)
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def delete(self, actor: str, group_id: str) -> None:
         def run(tx: Tx) -> None:
@@ -116,7 +116,7 @@ class GroupService:
             tx.graph(lambda g, _rev: g.remove_group(group_id))
             tx.audit("group.delete", "group", group_id, before["name"], before, None)  # type: ignore[arg-type]
 
-        self.c.write(actor, run)
+        self.ctx.write(actor, run)
 
     def _set_members(self, tx: Tx, group: Group, names: list[str]) -> None:
         s = tx.session

@@ -92,13 +92,13 @@ def payload_of(model: type[P], opened: OpenedRequest) -> P:
 
 class PeerService:
     def __init__(self, coord: ServiceContext) -> None:
-        self.c = coord
+        self.ctx = coord
         self._last_report: dict[str, float] = {}
         self._events: dict[str, list[float]] = {}
 
     @property
     def domain(self) -> str:
-        settings = self.c.view.settings
+        settings = self.ctx.view.settings
         return settings.dns_domain if settings else ""
 
     def _get(self, session: Session, peer_id: str) -> Peer:
@@ -111,7 +111,7 @@ class PeerService:
     def find(
         self, *, name: str | None, group: str | None, connected: bool | None, cursor: str | None, limit: int
     ) -> Page[PeerOut]:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             stmt = select(Peer)
             if name:
                 stmt = stmt.where(Peer.name == name)
@@ -124,7 +124,7 @@ class PeerService:
             return Page[PeerOut](items=[peer_out(p, self.domain) for p in rows], next_cursor=nxt)
 
     def get(self, peer_id: str) -> PeerOut:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             return peer_out(self._get(s, peer_id), self.domain)
 
     def update(self, actor: str, peer_id: str, body: PeerUpdate) -> PeerOut:
@@ -150,13 +150,13 @@ class PeerService:
                 tx.audit("peer.update", "peer", peer.id, peer.name, before, after)
             return peer_out(peer, self.domain)
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def delete(self, actor: str, peer_id: str) -> None:
         def run(tx: Tx) -> None:
             self._delete(tx, self._get(tx.session, peer_id), "peer.delete")
 
-        self.c.write(actor, run)
+        self.ctx.write(actor, run)
 
     def _delete(self, tx: Tx, peer: Peer, action: str) -> None:
         s = tx.session
@@ -179,8 +179,8 @@ class PeerService:
         """Check the challenge (ours, not expired) and open the sealed request. Unauthorized (with the
         refusal audited when the named key belongs to a peer) if the sender did not prove possession."""
         try:
-            nonce, expires = self.c.identity.check(wire.challenge)
-            opened = open_request(purpose, self.c.identity.private, wire.model_dump(exclude_none=True))
+            nonce, expires = self.ctx.identity.check(wire.challenge)
+            opened = open_request(purpose, self.ctx.identity.private, wire.model_dump(exclude_none=True))
         except ChallengeError as exc:
             self._refused(purpose, wire.public_key, source, exc.reason)
             raise Unauthorized(f"challenge refused: {exc.detail}") from exc
@@ -195,7 +195,7 @@ class PeerService:
 
     def _refused(self, purpose: str, public_key: str, source: str, reason: str) -> None:
         """Audit a refused proof about an existing peer (a takeover attempt or a broken agent)."""
-        node = self.c.view.peer_by_key(public_key)
+        node = self.ctx.view.peer_by_key(public_key)
         if node is None:
             return
         action = "peer.login.refused" if purpose == "enroll" else "peer.key.refused"
@@ -204,7 +204,7 @@ class PeerService:
             tx.actor = f"source:{source}"
             tx.audit(action, "peer", node.id, node.name, None, {"source": source, "reason": reason})
 
-        self.c.write("enroll", run)
+        self.ctx.write("enroll", run)
 
     @staticmethod
     def _consume(tx: Tx, nonce: str, expires: dt.datetime) -> None:
@@ -214,7 +214,7 @@ class PeerService:
 
     def purge_challenges(self) -> int:
         """Forget consumed challenges that have expired (they are refused as stale anyway)."""
-        with self.c.store.transaction() as s:
+        with self.ctx.store.transaction() as s:
             result = s.execute(delete(ConsumedChallenge).where(ConsumedChallenge.expires_at < utcnow()))
         return int(getattr(result, "rowcount", 0) or 0)
 
@@ -257,11 +257,11 @@ class PeerService:
             return EnrollResponse(
                 peer=peer_out(peer, self.domain),
                 credential=credential.clear,
-                signing_public_key=self.c.signer.public_key_b64,
+                signing_public_key=self.ctx.signer.public_key_b64,
                 login=login,
             )
 
-        result = self.c.write("enroll", run)
+        result = self.ctx.write("enroll", run)
         return SealedReply.model_validate(opened.reply.seal(result.model_dump(mode="json")))
 
     def _new_peer(
@@ -273,7 +273,7 @@ class PeerService:
         name = self._unique_name(s, body.name or sanitize_peer_name(body.hostname), explicit=body.name is not None)
         # The graph holds every assigned address (writes are serialized); a replica racing us for the
         # same address hits the unique constraint and the enrollment fails cleanly with 409.
-        used = self.c.view.used_mesh_ips()
+        used = self.ctx.view.used_mesh_ips()
         try:
             mesh_ip = IpAllocator(parse_mesh_prefix(settings.mesh_prefix)).allocate(used)
         except PrefixError as exc:
@@ -323,7 +323,7 @@ class PeerService:
     # ----- peer-facing ------------------------------------------------------------------------
     def authenticate(self, credential: str) -> tuple[str, str]:
         """(peer id, peer name) for a peer credential, or Unauthorized."""
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             row = s.execute(select(Peer.id, Peer.name).where(Peer.credential_hash == hash_secret(credential))).first()
         if row is None:
             raise Unauthorized("peer credential is not valid")
@@ -332,21 +332,21 @@ class PeerService:
     def report_state(self, peer_id: str, report: StateReport) -> None:
         """Store the agent's connection report: only about peers in its own current map (422 naming the
         others, nothing stored), at most one per `limits.state_report_interval`."""
-        in_map = self.c.view.map_members(peer_id)
+        in_map = self.ctx.view.map_members(peer_id)
         outside = sorted({c.peer_id for c in report.connections} - in_map)
         if outside:
             shown = ", ".join(repr(p) for p in outside[:5]) + (
                 f" and {len(outside) - 5} more" if len(outside) > 5 else ""
             )
             raise Invalid(f"the report names peers that are not in this peer's map: {shown}", field="connections")
-        interval = self.c.config.limits.state_report_interval
+        interval = self.ctx.config.limits.state_report_interval
         mono = time.monotonic()
         if mono - self._last_report.get(peer_id, -1e9) < interval:
             raise RateLimited(f"state reports are limited to one per {interval:g}s")
         self._last_report[peer_id] = mono
         now = utcnow()
         data = [c.model_dump(mode="json") for c in report.connections]
-        with self.c.store.transaction() as s:
+        with self.ctx.store.transaction() as s:
             s.execute(
                 update(Peer)
                 .where(Peer.id == peer_id)
@@ -366,7 +366,7 @@ class PeerService:
             tx.actor = f"peer:{peer.name}"
             tx.audit(f"peer.{event.kind}", "peer", peer.id, peer.name, None, {"message": event.message})
 
-        self.c.write("peer", run)
+        self.ctx.write("peer", run)
 
     def change_key(self, peer_id: str, wire: SealedRequest, source: str) -> PeerOut:
         """Key rotation, presented by the peer itself (credential) and sealed with both its current and its
@@ -405,12 +405,12 @@ class PeerService:
             tx.audit("peer.key.rotate", "peer", peer.id, peer.name, before, detail)
             return peer_out(peer, self.domain)
 
-        return self.c.write("peer", run)
+        return self.ctx.write("peer", run)
 
     def mark_connected(self, peer_id: str, connected: bool) -> None:
-        with self.c.store.transaction() as s:
+        with self.ctx.store.transaction() as s:
             s.execute(update(Peer).where(Peer.id == peer_id).values(connected=connected, last_seen=utcnow()))
-        self.c.metrics.peers_connected.set(self.c.hub.connected_peers())
+        self.ctx.metrics.peers_connected.set(self.ctx.hub.connected_peers())
 
     def expire_ephemeral(self) -> int:
         """Delete ephemeral peers that have been offline longer than the configured timeout."""
@@ -426,8 +426,8 @@ class PeerService:
                 if p.last_seen is None or p.last_seen < cutoff
             ]
             for peer in stale:
-                if not self.c.hub.is_connected(peer.id):
+                if not self.ctx.hub.is_connected(peer.id):
                     self._delete(tx, peer, "peer.expire")
             return len(stale)
 
-        return self.c.write("system", run)
+        return self.ctx.write("system", run)

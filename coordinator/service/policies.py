@@ -64,7 +64,7 @@ def normalize_ports(ports: list[int | str]) -> list[list[int]]:
 
 class PolicyService:
     def __init__(self, coord: ServiceContext) -> None:
-        self.c = coord
+        self.ctx = coord
 
     def _get(self, session: Session, policy_id: str) -> Policy:
         pol = session.get(Policy, policy_id)
@@ -73,7 +73,7 @@ class PolicyService:
         return pol
 
     def find(self, *, name: str | None, cursor: str | None, limit: int) -> Page[PolicyOut]:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             stmt = select(Policy)
             if name:
                 stmt = stmt.where(Policy.name == name)
@@ -81,7 +81,7 @@ class PolicyService:
             return Page[PolicyOut](items=[policy_out(s, p) for p in rows], next_cursor=nxt)
 
     def get(self, policy_id: str) -> PolicyOut:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             return policy_out(s, self._get(s, policy_id))
 
     def create(self, actor: str, body: PolicyIn) -> PolicyOut:
@@ -110,7 +110,7 @@ class PolicyService:
             tx.audit("policy.create", "policy", pol.id, pol.name, None, summary(s, pol))
             return policy_out(s, pol)
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def update(self, actor: str, policy_id: str, body: PolicyUpdate) -> PolicyOut:
         def run(tx: Tx) -> PolicyOut:
@@ -145,7 +145,7 @@ class PolicyService:
                 tx.audit("policy.update", "policy", pol.id, pol.name, before, after)
             return policy_out(s, pol)
 
-        return self.c.write(actor, run)
+        return self.ctx.write(actor, run)
 
     def delete(self, actor: str, policy_id: str) -> None:
         def run(tx: Tx) -> None:
@@ -156,4 +156,4 @@ class PolicyService:
             tx.graph(lambda g, _rev: g.remove_policy(policy_id))
             tx.audit("policy.delete", "policy", policy_id, pol.name, before, None)
 
-        self.c.write(actor, run)
+        self.ctx.write(actor, run)

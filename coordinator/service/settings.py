@@ -32,10 +32,10 @@ def settings_out(row: MeshSettings) -> SettingsOut:
 
 class SettingsService:
     def __init__(self, coord: ServiceContext) -> None:
-        self.c = coord
+        self.ctx = coord
 
     def get(self) -> SettingsOut:
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             row = s.get(MeshSettings, 1)
             assert row is not None
             return settings_out(row)
@@ -82,8 +82,8 @@ class SettingsService:
             s.flush()
             return settings_out(row)
 
-        out = self.c.write(actor, run)
-        out.revision = self.c.view.revision
+        out = self.ctx.write(actor, run)
+        out.revision = self.ctx.view.revision
         return out
 
     def audit(
@@ -100,7 +100,7 @@ class SettingsService:
     ) -> Page[AuditOut]:
         """Newest first; `cursor` is the id of the last event of the previous page."""
         limit = max(1, min(limit, AUDIT_MAX_PAGE))
-        with self.c.store.read() as s:
+        with self.ctx.store.read() as s:
             stmt = select(AuditEvent)
             if action:
                 stmt = stmt.where(AuditEvent.action.like(action.replace("*", "%")))
