@@ -413,8 +413,9 @@ class Agent:
             await asyncio.sleep(0.5)
             now, mono = time.time(), time.monotonic()  # before the reading: see PeerConnection.observe
             stats = await self.wg.peers()
-            # Read afresh (not the 2 s offer cache): roaming is noticed within one pass.
-            current = await self.endpoints.fresh_candidates(0.0)
+            # Read afresh after any link/address event (not the 2 s offer cache): roaming is noticed
+            # within one pass.
+            current = await self.endpoints.current_candidates()
             hosts = sorted(c.address for c in current if c.kind == "host")
             if self._offered_hosts is not None and hosts != self._offered_hosts:
                 self.endpoints.wakeup.set()  # new underlay address: learn the new public mapping too

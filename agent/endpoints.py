@@ -21,6 +21,7 @@ log = logging.getLogger("starling.agent")
 MESH = ipaddress.IPv4Network("100.64.0.0/10")
 VIRTUAL_PREFIXES = ("docker", "br-", "virbr", "cni", "flannel", "cali", "kube", "podman", "veth", "tailscale", "wt")
 NAT_REFRESH = 25.0  # s between STUN refreshes of the WireGuard port's public mapping
+ADDRESS_RECHECK = 10.0  # s: addresses are read at least this often, even without a netlink event
 
 
 class LocalEndpoints:
@@ -33,6 +34,8 @@ class LocalEndpoints:
         self.reflexive = ReflexiveProbe(port)
         self.wakeup = asyncio.Event()  # set: learn the public mapping now (new underlay address)
         self._cache: tuple[float, list[Candidate]] = (0.0, [])
+        self._watch: netlink.AddressWatch | None = None
+        self._checked = 0.0  # monotonic time of the last full read for `current_candidates`
 
     def set_port(self, port: int) -> None:
         self.port = port
@@ -66,6 +69,19 @@ class LocalEndpoints:
 
     async def fresh_candidates(self, max_age: float = 2.0) -> list[Candidate]:
         return await asyncio.to_thread(self.host_candidates, max_age)
+
+    async def current_candidates(self) -> list[Candidate]:
+        """Our candidates now, for the watchdog's roaming check: read afresh when rtnetlink reported a
+        link or address change (or every ADDRESS_RECHECK s), else the last reading (no netlink read)."""
+        # In a worker thread: pyroute2 runs its own event loop inside its synchronous calls.
+        if self._watch is None:
+            self._watch = await asyncio.to_thread(netlink.AddressWatch)
+        now = time.monotonic()
+        changed = await asyncio.to_thread(self._watch.changed)
+        if changed or now - self._checked >= ADDRESS_RECHECK or not self._cache[0]:
+            self._checked = now
+            return await self.fresh_candidates(0.0)
+        return self._cache[1]
 
     def ice_address_ok(self, address: str) -> bool:
         """ICE host candidates: exactly the addresses we offer as host candidates (no mesh, no virtual).
@@ -114,6 +130,8 @@ class LocalEndpoints:
 
     def close(self) -> None:
         self.reflexive.close()
+        if self._watch is not None:
+            self._watch.close()
 
     async def remove(self) -> None:
         await asyncio.to_thread(self.reflexive.remove)
