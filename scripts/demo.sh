@@ -102,9 +102,14 @@ matrix_rc=0
 bash scripts/lab.sh matrix "$PREFIX" --wait 60 || matrix_rc=$?
 
 elapsed=$(($(date +%s) - START))
+if [[ $changed -eq 0 ]]; then
+    rerun_note="measured: nothing needed changing, everything was already in place"
+else
+    rerun_note="'make demo' again measures a re-run's changes"
+fi
 cat <<EOF
 
-Starling demo: ${elapsed} s; site.yml: ${changed} change(s) this run (0 on a re-run: idempotent).
+Starling demo: ${elapsed} s; site.yml: ${changed} change(s) this run (${rerun_note}).
   direct   WireGuard straight between the two hosts (through agent1's endpoint-independent NAT)
   relayed  through coturn on 'relay' (agent2's symmetric NAT gives every destination a new port)
   blocked  no policy allows the pair (examples/lab/policies): no tunnel, and both agents drop the traffic
