@@ -107,14 +107,17 @@ class LocalEndpoints:
         return servers
 
     async def refresh_reflexive(self, limit: float = 2.0) -> bool:
-        """Ask STUN for our public mapping now; True if it changed (the candidate cache is dropped)."""
+        """Ask STUN for our public mapping now; True if it changed (then the candidate cache, which holds
+        the old mapping, is dropped)."""
         servers = self.stun_servers()
         if not servers:
             return False
         before = self.reflexive.address
         await self.reflexive.learn(servers, limit=limit)
+        if self.reflexive.address == before:
+            return False
         self.forget()
-        return self.reflexive.address != before
+        return True
 
     async def keep_mapping(self, changed: Callable[[str], Awaitable[None]]) -> None:
         """Keep the WireGuard port's public mapping known; `changed(why)` when it moves."""

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from agent.wg.backend import PeerConfig, PeerStats, WireGuardBackend, WireGuardError
 
 log = logging.getLogger("starling.agent")
-T = TypeVar("T")
 
 
 class WireGuardPort(Protocol):
@@ -44,12 +43,8 @@ class ThreadedWireGuard:
         return await self._call("remove peer", self.backend.remove_peer, public_key)
 
     async def swap_key(self, old_public_key: str, peer: PeerConfig) -> bool:
-        try:
-            await asyncio.to_thread(self.backend.swap_key, old_public_key, peer)
-            return True
-        except WireGuardError as exc:
-            log.error("WireGuard: cannot swap key %s... for %s...: %s", old_public_key[:8], peer.public_key[:8], exc)
-            return False
+        what = f"cannot swap key {old_public_key[:8]}... for {peer.public_key[:8]}..."
+        return await self._call(what, self.backend.swap_key, old_public_key, peer)
 
     async def peers(self) -> dict[str, PeerStats]:
         return await asyncio.to_thread(self.peers_now)
@@ -62,9 +57,9 @@ class ThreadedWireGuard:
             return {}
 
     @staticmethod
-    async def _call(what: str, fn: Callable[[T], None], arg: T) -> bool:
+    async def _call(what: str, fn: Callable[..., None], *args: object) -> bool:
         try:
-            await asyncio.to_thread(fn, arg)
+            await asyncio.to_thread(fn, *args)
             return True
         except WireGuardError as exc:
             log.error("WireGuard: %s: %s", what, exc)
