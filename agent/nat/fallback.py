@@ -172,6 +172,16 @@ class Fallback:
             conn.last_error = f"nothing from the peer over {st.proxy.pair.describe()} for {PROXY_SILENCE:g} s"
             await self.path_lost(conn)
             return
+        if not st.switching_since and self._peer_came_direct(conn, st):
+            # The peer switched first (its re-probe or its own confirmation won the race): WireGuard
+            # roamed to where the peer's packets come from now. Follow instead of waiting for the
+            # proxy to fall silent (PROXY_SILENCE) and losing the path on the way.
+            st.note(f"{conn.name}: the peer reaches WireGuard directly from {conn.wg_endpoint}: relay closed")
+            await self._drop_proxy(conn, st)
+            conn.set_state(PathState.DIRECT)
+            await self.agent.nudge(conn)
+            return
+        st.rx_seen = conn.rx_bytes
         if st.switching_since:
             # Confirmed when WireGuard received something since the switch and still points direct:
             # a packet that came through the proxy would have moved its endpoint back to 127.0.0.1.
@@ -208,6 +218,13 @@ class Fallback:
             probing = st.probe_task is not None and not st.probe_task.done()
             if not busy and not probing:
                 st.probe_task = asyncio.create_task(self._probe(conn))
+
+    @staticmethod
+    def _peer_came_direct(conn: PeerConnection, st: PeerNat) -> bool:
+        """WireGuard received more since the last pass, and its endpoint (the source of the latest
+        authenticated packet) is no longer our proxy: the peer sends to us directly now."""
+        current = conn.wg_endpoint or ""
+        return bool(current) and not current.startswith("127.0.0.1:") and conn.rx_bytes > st.rx_seen > 0
 
     def _credential_ageing(self, st: PeerNat) -> bool:
         if st.session is None or st.proxy is None or st.proxy.pair.local_type != "relay":
@@ -282,7 +299,7 @@ class Fallback:
         st.session = session
         proxy = PairProxy(pair, self.agent.port)
         port = await proxy.start()
-        st.proxy, st.failures, st.switching_since = proxy, 0, 0.0
+        st.proxy, st.failures, st.switching_since, st.rx_seen = proxy, 0, 0.0, 0
         st.next_probe = time.monotonic() + UPGRADE_INTERVAL
         conn.proxied, conn.relayed = True, pair.relayed
         conn.local_candidate, conn.remote_candidate = (

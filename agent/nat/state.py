@@ -38,6 +38,7 @@ class PeerNat:
     probe_answer: asyncio.Future[IceParams] | None = None
     switching_since: float = 0.0  # > 0: WireGuard points direct again, proxy kept until confirmed
     rx_at_switch: int = 0
+    rx_seen: int = 0  # WireGuard's rx bytes at the previous pass while on the proxy (0: none yet)
     next_renewal: float = 0.0
     relayed_sent: int = 0  # bytes through closed relay proxies (the open one adds its own counters)
     relayed_received: int = 0

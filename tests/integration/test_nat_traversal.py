@@ -338,7 +338,8 @@ def test_symmetric_nat_turning_eim_upgrades_to_direct(nat_mesh: Mesh) -> None:
     )
     upgraded = time.monotonic() - started
     assert nat_mesh.can_ping("s1", "s2")
-    assert not path_of(nat_mesh, "s2", "s1").get("proxied")
+    # The other side switches by its own confirmation or follows WireGuard's roaming within a pass or two.
+    wait_for(lambda: not path_of(nat_mesh, "s2", "s1").get("proxied"), 5, what="s2 -> s1 off the proxy too")
     print(f"relay -> direct upgrade after {upgraded:.1f} s (goal 10 s; bench/dataplane measures it)")
 
 

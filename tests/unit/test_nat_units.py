@@ -326,3 +326,44 @@ def test_unreachable_stun_server_gives_a_clear_status() -> None:
     status = probe.status()
     assert status["address"] is None and not status["mapped_to_wireguard_port"]
     assert status["error"] == f"127.0.0.1:{port}: no STUN answer from 127.0.0.1:{port} within 0.5 s"
+
+
+class _StubProxy:
+    """Just enough of a PairProxy for the fallback's bookkeeping (no sockets)."""
+
+    def __init__(self) -> None:
+        self.pair = type("Pair", (), {"relayed": True, "describe": lambda self: "relay pair"})()
+        self.last_heard = time.monotonic()
+        self.port, self.to_peer_bytes, self.from_peer_bytes, self.closed = 40000, 0, 0, False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_side_still_on_the_proxy_follows_a_peer_that_went_direct() -> None:
+    """The other side's switch won the race: once WireGuard hears the peer directly (its endpoint
+    roamed off 127.0.0.1 and more bytes arrived), this side drops its proxy too."""
+    host = _FakeAgent("BBBB")  # the controlled side: it never probes by itself
+    fb = Fallback(host)
+    conn = PeerConnection("p1", "AAAA", "peer", "100.64.0.2")
+    proxy = _StubProxy()
+    conn.nat.proxy = proxy  # type: ignore[assignment]
+    conn.proxied = conn.relayed = True
+    conn.set_state(PathState.RELAYED)
+
+    async def passes() -> None:
+        conn.rx_bytes, conn.wg_endpoint = 1000, "127.0.0.1:40000"
+        await fb.tick(conn, time.monotonic())
+        conn.rx_bytes = 1500  # more through the proxy: nothing to follow
+        await fb.tick(conn, time.monotonic())
+        assert conn.proxied and not proxy.closed
+        conn.wg_endpoint = "198.19.0.12:51820"  # roamed, but nothing new received since: not yet
+        await fb.tick(conn, time.monotonic())
+        assert conn.proxied and not proxy.closed
+        conn.rx_bytes = 1800  # the peer's packets now arrive directly
+        await fb.tick(conn, time.monotonic())
+
+    asyncio.run(passes())
+    assert proxy.closed and not conn.proxied and conn.nat.proxy is None
+    assert conn.state == PathState.DIRECT
+    assert ("nudge", "") in host.calls  # so the peer hears us directly as well
