@@ -22,6 +22,7 @@ from starling_proto.netmap import (
     SelfEntry,
     SignalConfig,
 )
+from starling_proto.routes import ForwardEntry, RouteEntry
 
 
 class MapGap(Exception):
@@ -34,10 +35,11 @@ class MapChange:
     removed: dict[str, PeerEntry] = field(default_factory=dict)
     changed: dict[str, tuple[PeerEntry, PeerEntry]] = field(default_factory=dict)  # id -> (old, new)
     firewall: bool = False
+    routes: bool = False  # the routes this peer may use, or those it forwards, changed
     full: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed or self.firewall)
+        return bool(self.added or self.removed or self.changed or self.firewall or self.routes)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class NetworkMap:
     dns: DnsConfig = field(default_factory=DnsConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
     relays: tuple[RelayCredential, ...] = ()
+    routes: tuple[RouteEntry, ...] = ()
+    forward: tuple[ForwardEntry, ...] = ()
     version: int = MAP_VERSION
 
     @property
@@ -93,6 +97,10 @@ class NetworkMap:
             self.me = msg.peer
         if msg.relays is not None:
             self.relays = msg.relays
+        if msg.routes is not None and msg.routes != self.routes:
+            self.routes, change.routes = msg.routes, True
+        if msg.forward is not None and msg.forward != self.forward:
+            self.forward, change.routes = msg.forward, True
         self.serial, self.version = msg.serial, msg.version
         return change
 
@@ -114,6 +122,8 @@ class NetworkMap:
         self.rules = msg.firewall.rules
         self.sets = dict(msg.firewall.sets)
         self.dns, self.signal, self.relays = msg.dns, msg.signal, msg.relays
+        change.routes = (self.routes, self.forward) != (msg.routes, msg.forward)
+        self.routes, self.forward = msg.routes, msg.forward
         return change
 
     def to_full(self) -> FullMap:
@@ -121,14 +131,16 @@ class NetworkMap:
         if self.me is None:
             raise ValueError("no map yet")
         return FullMap(
-            self.serial,
-            self.me,
-            tuple(self.peers.values()),
-            self.firewall(),
-            self.dns,
-            self.signal,
-            self.relays,
-            self.version,
+            serial=self.serial,
+            peer=self.me,
+            peers=tuple(self.peers.values()),
+            firewall=self.firewall(),
+            dns=self.dns,
+            signal=self.signal,
+            relays=self.relays,
+            routes=self.routes,
+            forward=self.forward,
+            version=self.version,
         )
 
     def set_my_key(self, public_key: str) -> None:

@@ -1,4 +1,10 @@
-"""The network map's firewall section: accept rules between this peer and named sets of mesh addresses.
+"""The network map's firewall section: accept rules between this peer and named sets of mesh addresses,
+and through network routes.
+
+Directions: `in`/`out` accept traffic from/to the mesh addresses of `peer_set`; `route` (a client)
+accepts traffic out through the mesh interface to a route's `prefix`; `forward` (a routing peer) accepts
+traffic from the mesh addresses of `peer_set` forwarded to `prefix`. Route rules name their `route_id`;
+`in`/`out` rules carry neither `route_id` nor `prefix`, and `route` rules have no `peer_set`.
 
 The coordinator evaluates policies into rules; the agent compiles a `FirewallSection` into nftables
 (agent/firewall). Parsing is strict, because a field the agent does not understand could change what
@@ -14,20 +20,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from starling_proto.routes import check_route_prefix
 from starling_proto.wire import WireFormatError, array, dumps, obj
 
 PROTOCOLS = ("any", "tcp", "udp", "icmp")
-DIRECTIONS = ("in", "out")
-RULE_KEYS = frozenset({"policy_id", "direction", "action", "protocol", "ports", "peer_set"})
+DIRECTIONS = ("in", "out", "route", "forward")
+ROUTED = ("route", "forward")
+RULE_KEYS = frozenset({"policy_id", "direction", "action", "protocol", "ports", "peer_set", "route_id", "prefix"})
 SECTION_KEYS = frozenset({"default_action", "rules", "sets"})
 
-Direction = Literal["in", "out"]
+Direction = Literal["in", "out", "route", "forward"]
 PortRange = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class FirewallRule:
-    """Accept `protocol` traffic (to `ports`, tcp/udp only) from (`in`) or to (`out`) the set `peer_set`."""
+    """Accept `protocol` traffic (to `ports`, tcp/udp only) from (`in`) or to (`out`) the set `peer_set`;
+    out to a route's `prefix` (`route`), or forwarded from `peer_set` to `prefix` (`forward`)."""
 
     policy_id: str
     direction: Direction
@@ -35,16 +44,22 @@ class FirewallRule:
     ports: tuple[PortRange, ...]
     peer_set: str
     action: str = "accept"
+    route_id: str = ""
+    prefix: str = ""
 
     def to_wire(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "policy_id": self.policy_id,
             "direction": self.direction,
             "action": self.action,
             "protocol": self.protocol,
             "ports": [list(p) for p in self.ports],
-            "peer_set": self.peer_set,
         }
+        if self.direction != "route":
+            doc["peer_set"] = self.peer_set
+        if self.direction in ROUTED:
+            doc["route_id"], doc["prefix"] = self.route_id, self.prefix
+        return doc
 
     @classmethod
     def from_wire(cls, raw: object, where: str) -> FirewallRule:
@@ -66,11 +81,31 @@ class FirewallRule:
         protocol = raw.get("protocol")
         if protocol not in PROTOCOLS:
             raise WireFormatError(f"{named}: unknown protocol {protocol!r} ({', '.join(PROTOCOLS)})", field=where)
-        peer_set = raw.get("peer_set")
-        if not isinstance(peer_set, str) or not peer_set:
+        peer_set = raw.get("peer_set", "")
+        if direction == "route":
+            if peer_set:
+                raise WireFormatError(f"{named}: a route rule has no peer_set", field=where)
+        elif not isinstance(peer_set, str) or not peer_set:
             raise WireFormatError(f"{named}: unknown peer_set {peer_set!r}", field=where)
+        route_id, prefix = _route_target(raw, direction, named)
         ports = _ports(str(protocol), raw.get("ports", []), named)
-        return cls(policy_id, direction, str(protocol), ports, peer_set)
+        return cls(policy_id, direction, str(protocol), ports, str(peer_set), "accept", route_id, prefix)
+
+
+def _route_target(raw: dict[object, object], direction: object, where: str) -> tuple[str, str]:
+    """(route_id, prefix) of a `route`/`forward` rule, checked; ("", "") for `in`/`out` (which may not have them)."""
+    if direction not in ROUTED:
+        if "route_id" in raw or "prefix" in raw:
+            raise WireFormatError(f"{where}: route_id and prefix belong to route and forward rules only", field=where)
+        return "", ""
+    route_id = raw.get("route_id")
+    if not isinstance(route_id, str) or not route_id or len(route_id) > 64:
+        raise WireFormatError(f"{where}.route_id: must be a non-empty string", field=f"{where}.route_id")
+    try:
+        check_route_prefix(raw.get("prefix"))
+    except ValueError as exc:
+        raise WireFormatError(f"{where}.prefix: {exc}", field=f"{where}.prefix") from None
+    return route_id, str(raw.get("prefix"))
 
 
 def _ports(protocol: str, raw: object, where: str) -> tuple[PortRange, ...]:
@@ -165,7 +200,7 @@ class FirewallSection:
 
     def unknown_sets(self) -> list[tuple[int, FirewallRule]]:
         """Rules (index, rule) whose set is not in `sets` (a delta may leave a map like that: refuse it)."""
-        return [(i, r) for i, r in enumerate(self.rules) if r.peer_set not in self.sets]
+        return [(i, r) for i, r in enumerate(self.rules) if r.direction != "route" and r.peer_set not in self.sets]
 
     @classmethod
     def from_wire(cls, raw: object, where: str = "firewall") -> FirewallSection:

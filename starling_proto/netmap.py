@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from starling_proto.firewall import FirewallRule, FirewallSection, parse_rules, parse_sets, rules_json
+from starling_proto.routes import ForwardEntry, RouteEntry, forward_from_wire, routes_from_wire
 from starling_proto.wire import (
     WireFormatError,
     array,
@@ -104,13 +105,18 @@ class PeerEntry:
 
 @dataclass(frozen=True, slots=True)
 class SelfEntry(PeerEntry):
-    """This peer's own entry: also the mesh prefix (for the interface address) and its approval."""
+    """This peer's own entry: also the mesh prefix (for the interface address), its approval, and the exit
+    node the administrator chose for it (a peer id; "": none; the agent's own setting takes precedence)."""
 
     mesh_prefix: str = ""
     approved: bool = True
+    exit_node: str = ""
 
     def to_wire(self) -> dict[str, object]:
-        return {**PeerEntry.to_wire(self), "mesh_prefix": self.mesh_prefix, "approved": self.approved}
+        doc = {**PeerEntry.to_wire(self), "mesh_prefix": self.mesh_prefix, "approved": self.approved}
+        if self.exit_node:
+            doc["exit_node"] = self.exit_node
+        return doc
 
     @classmethod
     def from_wire(cls, raw: object, where: str = "peer") -> SelfEntry:
@@ -119,6 +125,7 @@ class SelfEntry(PeerEntry):
             *PeerEntry.fields_from_wire(doc, where),
             mesh_prefix=optional_text(doc, "mesh_prefix", where),
             approved=flag(doc, "approved", where, True),
+            exit_node=optional_text(doc, "exit_node", where),
         )
 
     def with_key(self, public_key: str) -> SelfEntry:
@@ -212,10 +219,12 @@ class FullMap:
     dns: DnsConfig = field(default_factory=DnsConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
     relays: tuple[RelayCredential, ...] = ()
+    routes: tuple[RouteEntry, ...] = ()  # routes this peer may use
+    forward: tuple[ForwardEntry, ...] = ()  # routes this peer is a routing peer of
     version: int = MAP_VERSION
 
     def to_wire(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "type": "map",
             "version": self.version,
             "serial": self.serial,
@@ -223,10 +232,13 @@ class FullMap:
             "dns": self.dns.to_wire(),
             "signal": self.signal.to_wire(),
             "relays": [r.to_wire() for r in self.relays],
-            "routes": [],
-            "peers": [p.to_wire() for p in self.peers],
-            "firewall": self.firewall.to_wire(),
+            "routes": [r.to_wire() for r in self.routes],
         }
+        if self.forward:
+            doc["forward"] = [f.to_wire() for f in self.forward]
+        doc["peers"] = [p.to_wire() for p in self.peers]
+        doc["firewall"] = self.firewall.to_wire()
+        return doc
 
     def to_json(self) -> str:
         """The same text the coordinator's renderer sends for this map."""
@@ -236,6 +248,8 @@ class FullMap:
             dns=self.dns,
             signal=self.signal,
             relays=self.relays,
+            routes=self.routes,
+            forward=self.forward,
             peers_json=dumps([p.to_wire() for p in self.peers]),
             rules=self.firewall.rules,
             sets_json=dumps({n: list(m) for n, m in self.firewall.sets.items()}),
@@ -247,7 +261,6 @@ class FullMap:
         if doc.get("type") != "map":
             raise WireFormatError(f"type: {doc.get('type')!r} is not a full map", field="type")
         version = _version(doc)
-        array(doc.get("routes", []), "routes")  # routes are not part of version 1's contract yet (issue 16)
         return cls(
             serial=integer(doc, "serial", "map"),
             peer=SelfEntry.from_wire(doc.get("peer")),
@@ -256,6 +269,8 @@ class FullMap:
             dns=DnsConfig.from_wire(doc.get("dns", {})),
             signal=SignalConfig.from_wire(doc.get("signal", {})),
             relays=relays_from_wire(doc.get("relays", [])),
+            routes=routes_from_wire(doc.get("routes", [])),
+            forward=forward_from_wire(doc.get("forward", [])),
             version=version,
         )
 
@@ -275,6 +290,8 @@ class MapDelta:
     dns: DnsConfig | None = None
     signal: SignalConfig | None = None
     relays: tuple[RelayCredential, ...] | None = None
+    routes: tuple[RouteEntry, ...] | None = None  # the whole list, when it changed
+    forward: tuple[ForwardEntry, ...] | None = None
     version: int = MAP_VERSION
 
     @property
@@ -304,6 +321,10 @@ class MapDelta:
                 doc[key] = part.to_wire()
         if self.relays is not None:
             doc["relays"] = [r.to_wire() for r in self.relays]
+        if self.routes is not None:
+            doc["routes"] = [r.to_wire() for r in self.routes]
+        if self.forward is not None:
+            doc["forward"] = [f.to_wire() for f in self.forward]
         return doc
 
     @classmethod
@@ -324,6 +345,8 @@ class MapDelta:
             dns=DnsConfig.from_wire(doc["dns"]) if "dns" in doc else None,
             signal=SignalConfig.from_wire(doc["signal"]) if "signal" in doc else None,
             relays=relays_from_wire(doc["relays"]) if "relays" in doc else None,
+            routes=routes_from_wire(doc["routes"]) if "routes" in doc else None,
+            forward=forward_from_wire(doc["forward"]) if "forward" in doc else None,
             version=version,
         )
 
@@ -350,6 +373,8 @@ def full_json(
     dns: DnsConfig,
     signal: SignalConfig,
     relays: Iterable[RelayCredential],
+    routes: Iterable[RouteEntry] = (),
+    forward: Iterable[ForwardEntry] = (),
     peers_json: str,
     rules: tuple[FirewallRule, ...],
     sets_json: str,
@@ -364,7 +389,8 @@ def full_json(
             "dns": dns.to_wire(),
             "signal": signal.to_wire(),
             "relays": [r.to_wire() for r in relays],
-            "routes": [],
+            "routes": [r.to_wire() for r in routes],
+            **({"forward": fw} if (fw := [f.to_wire() for f in forward]) else {}),
         }
     )
     firewall = '{"default_action":"drop","rules":' + rules_json(rules) + ',"sets":' + sets_json + "}"
