@@ -91,16 +91,34 @@ class PeerLink:
         self.conn = PeerConnection(entry.id, entry.public_key, entry.name, entry.mesh_ip)
         self.conn.set_state(PathState.CONNECTING)
         self.conn.path_changes = 0
+        self.routed: tuple[str, ...] = ()  # route prefixes this peer is the active routing peer for (ours)
+        self.route_keepalive = 0  # > 0: we route for this peer: keepalive that often, so it sees us up
         self._retiring: set[str] = set()  # the peer's old keys, removed after OLD_KEY_GRACE
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
     # ----- WireGuard ----------------------------------------------------------------------------
+    @property
+    def allowed_ips(self) -> tuple[str, ...]:
+        """The peer's own addresses, plus the route prefixes it carries for us now."""
+        return self.entry.allowed_ips + self.routed
+
     def config(self, endpoint: str | None) -> PeerConfig:
         # No keepalive before an endpoint is known: wireguard-go would try a handshake at once, fail
         # ("no known endpoint") and then wait its 5 s rekey timeout even after the endpoint arrives.
         # Setting keepalive together with the first endpoint starts the handshake immediately.
-        return PeerConfig(self.entry.public_key, self.entry.allowed_ips, endpoint, self.keepalive if endpoint else 0)
+        intervals = [k for k in (self.keepalive, self.route_keepalive) if k > 0]
+        keepalive = min(intervals) if intervals and endpoint else 0
+        return PeerConfig(self.entry.public_key, self.allowed_ips, endpoint, keepalive)
+
+    async def set_routing(self, routed: tuple[str, ...], route_keepalive: int) -> None:
+        """Routes moved: the prefixes this peer carries for us, and whether we keep it informed that we
+        are up (we are its routing peer). Applied to WireGuard only when something changed."""
+        if (routed, route_keepalive) == (self.routed, self.route_keepalive):
+            return
+        self.routed, self.route_keepalive = routed, route_keepalive
+        if not self.closed:
+            await self.wg.set_peer(self.config(self.conn.endpoint))
 
     async def point(self, endpoint: str, *, fresh: bool) -> None:
         """Point WireGuard at `endpoint`; `fresh` re-creates the peer so the handshake starts now
@@ -119,7 +137,7 @@ class PeerLink:
         endpoint = endpoint or self.conn.endpoint
         if self.closed or not endpoint:
             return
-        await self.wg.set_peer(PeerConfig(self.entry.public_key, self.entry.allowed_ips, endpoint, 0))
+        await self.wg.set_peer(PeerConfig(self.entry.public_key, self.allowed_ips, endpoint, 0))
         await self.wg.set_peer(self.config(endpoint))
 
     # ----- life cycle (the reconciler) ----------------------------------------------------------
