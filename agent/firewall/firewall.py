@@ -6,9 +6,13 @@ Life cycle (the daemon drives it; every method is synchronous and thread-safe, r
 
     fw = Firewall("wt0", on_drift=audit)      # mode="disabled" installs nothing
     fw.install_guard()                        # before the interface carries traffic: drop all
-    fw.apply(map["firewall"])                 # validate, then one transaction (a diff)
+    fw.apply(map["firewall"], map["forward"]) # validate, then one transaction (a diff)
     fw.check_drift()                          # every second: repair within the next call
     fw.remove()                               # `starling down`
+
+`forward` is the map's list of routes this peer forwards (`ForwardEntry`, empty on a peer that
+routes nothing): its masquerade rules go into the same transaction as the firewall rules, and a
+`forward` firewall rule for a route not in it rejects the map.
 
 Only our table is ever touched. A map that does not validate is rejected whole and nothing
 changes; an update nft refuses leaves the previous ruleset (or the guard) in place; in both cases
@@ -30,6 +34,9 @@ from agent.firewall.nftjson import Plan, delete_table, diff, full_build
 from agent.firewall.state import parse_listing, problems
 from agent.status import DriftEvent, FirewallStatus
 from starling_proto.firewall import FirewallSection
+from starling_proto.routes import ForwardEntry
+
+Forward = Sequence[ForwardEntry] | Sequence[Mapping[str, object]]
 
 log = logging.getLogger("starling.agent.firewall")
 Mode = Literal["enforce", "disabled"]
@@ -127,19 +134,24 @@ class Firewall:
             self._state, self._last_error = "guard", None
             self._start_monitor()
 
-    def validate(self, firewall: FirewallSection | Mapping[str, object]) -> CompiledRuleset:
-        """Check and compile a map's firewall section; raises `FirewallError`, applies nothing."""
-        return compile_firewall(firewall, self.interface)
+    def validate(self, firewall: FirewallSection | Mapping[str, object], forward: Forward = ()) -> CompiledRuleset:
+        """Check and compile a map's firewall section and forward list; raises `FirewallError`,
+        applies nothing."""
+        return compile_firewall(firewall, self.interface, forward)
 
-    def apply(self, firewall: FirewallSection | Mapping[str, object]) -> ApplyResult:
+    def apply(self, firewall: FirewallSection | Mapping[str, object], forward: Forward = ()) -> ApplyResult:
         """Validate, then apply the difference from what is installed in one transaction.
+
+        `forward`: the map's `forward` list (routes this peer forwards; `ForwardEntry`s or their wire
+        form); its masquerade rules are part of the same transaction. Pass it with every map: an
+        apply without it removes them.
 
         On any error nothing changes (the previous ruleset or the guard stays) and `FirewallError`
         says why; call again with the same or a newer map to retry."""
         started = time.perf_counter()
         with self._lock:
             try:
-                model = self.validate(firewall)
+                model = self.validate(firewall, forward)
             except FirewallError as exc:
                 self._fail("map", f"map rejected, nothing applied: {exc}")
                 raise
@@ -225,6 +237,8 @@ class Firewall:
             "rules": model.rule_count if model and enforced else 0,
             "sets": len(model.sets) if model and enforced else 0,
             "elements": model.element_count if model and enforced else 0,
+            "route_rules": model.route_count if model and enforced else 0,
+            "masquerade": list(model.masqueraded) if model and enforced else [],
             "last_apply_ms": self._last_apply_ms,
             "drift_repairs": self._drift_repairs,
             "last_drift": self._last_drift,
@@ -320,8 +334,12 @@ class Firewall:
         if self._state == "guard" or self._applied is None or self._applied.guard:
             return f"guard: all traffic on {self.interface} dropped until the first map is applied"
         model = self._applied
+        parts = [f"{model.route_count} toward routes"] if model.route_count else []
+        parts += [f"{len(model.rules_fwd)} forwarded"] if model.rules_fwd else []
+        parts += [f"masquerading {', '.join(model.masqueraded)}"] if model.masqueraded else []
+        routes = f" ({', '.join(parts)})" if parts else ""
         return (
-            f"enforcing {model.rule_count} rules over {len(model.sets)} sets "
+            f"enforcing {model.rule_count} rules{routes} over {len(model.sets)} sets "
             f"({model.element_count} addresses) on {self.interface}"
         )
 

@@ -6,10 +6,14 @@ fails changes nothing.
 
 * Full build: `add table; delete table; add table ...` (the usual idiom for an atomic replace
   whether or not the table exists), then the sets with their elements, the regular chains
-  `mesh_in`/`mesh_out`, and the base chains `input`/`output`/`forward` that jump to them.
+  `mesh_in`/`mesh_out` (and `mesh_fwd` on a routing peer), and the base chains
+  `input`/`output`/`forward` that jump to them (and the nat chain `postrouting` when a forwarded
+  route is masqueraded).
 * Diff: new sets are added, changed sets get `delete element`/`add element` for exactly the
-  addresses that left/joined, a chain whose rules changed is flushed and refilled, and sets no
-  rule uses any more are deleted after that. The base chains never change between models.
+  addresses that left/joined; chains that appear are added, a chain whose rules changed is
+  flushed and refilled (regular chains before base chains, so a jump target exists first), chains
+  that disappear are flushed and deleted after that, and sets no rule uses any more last.
+  `input`/`output` never change; `forward` changes only when forward rules appear or disappear.
 """
 
 from __future__ import annotations
@@ -17,12 +21,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.firewall.model import CHAIN_IN, CHAIN_OUT, FAMILY, TABLE, CompiledRuleset, RuleSpec
+from agent.firewall.model import (
+    CHAIN_FWD,
+    CHAIN_IN,
+    CHAIN_NAT,
+    CHAIN_OUT,
+    FAMILY,
+    TABLE,
+    CompiledRuleset,
+    NatSpec,
+    RuleSpec,
+)
 
 Command = dict[str, Any]
-BASE_CHAINS = ("input", "output", "forward")
-REGULAR_CHAINS = (CHAIN_IN, CHAIN_OUT)
-ALL_CHAINS = REGULAR_CHAINS + BASE_CHAINS
+# base chain -> (type, hook, priority); `postrouting` exists only when a route is masqueraded
+BASE_ATTRS: dict[str, tuple[str, str, int]] = {
+    "input": ("filter", "input", 0),
+    "output": ("filter", "output", 0),
+    "forward": ("filter", "forward", 0),
+    CHAIN_NAT: ("nat", "postrouting", 100),  # priority srcnat
+}
 _TABLE = {"family": FAMILY, "name": TABLE}
 _IN_TABLE = {"family": FAMILY, "table": TABLE}
 
@@ -57,10 +75,30 @@ def _ports_value(ports: tuple[tuple[int, int], ...]) -> Any:
     return items[0] if len(items) == 1 else {"set": items}
 
 
+def _ip(field_: str) -> Command:
+    return {"payload": {"protocol": "ip", "field": field_}}
+
+
+def prefix_value(prefix: str) -> Command:
+    """An IPv4 CIDR as nft JSON (`ip daddr 0.0.0.0/0` still matches IPv4 packets only)."""
+    addr, length = prefix.split("/")
+    return {"prefix": {"addr": addr, "len": int(length)}}
+
+
+def chains(model: CompiledRuleset) -> tuple[str, ...]:
+    """Every chain of the model's table, regular chains first."""
+    return model.regular_chains() + model.base_chains()
+
+
 def rule_expr(spec: RuleSpec) -> list[Command]:
     """The expression list of one accept rule (see `RuleSpec.text()` for the same rule as text)."""
-    addr = "saddr" if spec.direction == "in" else "daddr"
-    expr = [_match({"payload": {"protocol": "ip", "field": addr}}, "@" + spec.set_name)]
+    expr = []
+    if spec.direction in ("in", "forward"):
+        expr.append(_match(_ip("saddr"), "@" + spec.set_name))
+    if spec.direction == "out":
+        expr.append(_match(_ip("daddr"), "@" + spec.set_name))
+    if spec.prefix:
+        expr.append(_match(_ip("daddr"), prefix_value(spec.prefix)))
     if spec.protocol in ("tcp", "udp") and spec.ports:
         expr.append(_match({"payload": {"protocol": spec.protocol, "field": "dport"}}, _ports_value(spec.ports)))
     elif spec.protocol != "any":
@@ -76,15 +114,27 @@ def chain_exprs(model: CompiledRuleset, chain: str) -> list[tuple[list[Command],
         return [([_match(_meta("iifname"), iface), {"jump": {"target": CHAIN_IN}}], "")]
     if chain == "output":
         return [([_match(_meta("oifname"), iface), {"jump": {"target": CHAIN_OUT}}], "")]
-    if chain == "forward":
-        return [([_match(_meta(k), iface), {"drop": None}], "") for k in ("iifname", "oifname")]
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+    routed = [_match(_meta("iifname"), iface), _match(_meta("oifname"), iface, "!=")]
     rules: list[tuple[list[Command], str]] = []
-    if not model.guard:
-        established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+    if chain == "forward":
+        if model.rules_fwd:  # replies of flows mesh_fwd accepted; new flows in from the LAN are not established
+            rules.append(([established, {"accept": None}], ""))
+            rules.append(([*routed, {"jump": {"target": CHAIN_FWD}}], ""))
+        return rules + [([_match(_meta(k), iface), {"drop": None}], "") for k in ("iifname", "oifname")]
+    if chain == CHAIN_NAT:
+        return [([*routed, *nat_expr(spec)], spec.comment) for spec in model.nat]
+    if not model.guard and chain != CHAIN_FWD:
         rules.append(([established, {"accept": None}], ""))
+    if not model.guard:
         rules += [(rule_expr(spec), spec.comment) for spec in model.chain_rules(chain)]
     rules.append(([{"drop": None}], ""))
     return rules
+
+
+def nat_expr(spec: NatSpec) -> list[Command]:
+    verdict: Command = {"masquerade": None} if spec.masquerade else {"accept": None}
+    return [_match(_ip("daddr"), prefix_value(spec.prefix)), verdict]
 
 
 def _add_rules(model: CompiledRuleset, chain: str) -> list[Command]:
@@ -113,23 +163,27 @@ def delete_table() -> list[Command]:
     return [{"add": {"table": dict(_TABLE)}}, {"delete": {"table": dict(_TABLE)}}]
 
 
+def _add_chain(name: str) -> Command:
+    if name not in BASE_ATTRS:
+        return {"add": {"chain": {**_IN_TABLE, "name": name}}}
+    kind, hook, prio = BASE_ATTRS[name]
+    return {"add": {"chain": {**_IN_TABLE, "name": name, "type": kind, "hook": hook, "prio": prio, "policy": "accept"}}}
+
+
 def full_build(model: CompiledRuleset) -> Plan:
     commands = [*delete_table(), {"add": {"table": dict(_TABLE)}}]
     for name in sorted(model.sets):
         commands += _add_set(name, model.sets[name])
-    for chain in REGULAR_CHAINS:
-        commands.append({"add": {"chain": {**_IN_TABLE, "name": chain}}})
-    for hook in BASE_CHAINS:
-        base = {**_IN_TABLE, "name": hook, "type": "filter", "hook": hook, "prio": 0, "policy": "accept"}
-        commands.append({"add": {"chain": base}})
-    for chain in ALL_CHAINS:
+    every = chains(model)
+    commands += [_add_chain(chain) for chain in every]
+    for chain in every:
         commands += _add_rules(model, chain)
     return Plan(
         commands,
         full=True,
         sets_added=len(model.sets),
         elements_added=model.element_count,
-        chains_rebuilt=ALL_CHAINS,
+        chains_rebuilt=every,
     )
 
 
@@ -155,10 +209,20 @@ def diff(old: CompiledRuleset | None, new: CompiledRuleset) -> Plan:
             commands.append(_elements("add", name, joined))
             plan.elements_added += len(joined)
     rebuilt = []
-    for chain in REGULAR_CHAINS:
-        if old.guard != new.guard or old.chain_rules(chain) != new.chain_rules(chain):
+    old_chains, new_chains = chains(old), chains(new)
+    for chain in new_chains:
+        if chain not in old_chains:
+            commands.append(_add_chain(chain))
+        elif chain_exprs(old, chain) == chain_exprs(new, chain):
+            continue
+        else:
             commands.append({"flush": {"chain": {**_IN_TABLE, "name": chain}}})
-            commands += _add_rules(new, chain)
+        commands += _add_rules(new, chain)
+        rebuilt.append(chain)
+    for chain in old_chains:
+        if chain not in new_chains:  # nothing jumps to it any more: `forward` was rebuilt above
+            commands.append({"flush": {"chain": {**_IN_TABLE, "name": chain}}})
+            commands.append({"delete": {"chain": {**_IN_TABLE, "name": chain}}})
             rebuilt.append(chain)
     plan.chains_rebuilt = tuple(rebuilt)
     for name in sorted(set(old.sets) - set(new.sets)):

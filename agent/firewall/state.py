@@ -2,7 +2,8 @@
 model, semantically, and the differences described in words for the audit log.
 
 Rules are parsed back into short tokens ("accept in @s_... tcp 22,5432", "established",
-"drop", "jump iifname wt0 mesh_in"); a rule we cannot parse becomes its canonical JSON, so it
+"drop", "jump iifname wt0 mesh_in", "accept in @s_... out 198.18.40.0/24 tcp 8080",
+"masquerade iifname wt0 oifname!= wt0 out 198.18.40.0/24"); a rule we cannot parse becomes its canonical JSON, so it
 never equals anything we wrote. The expected tokens come from the very JSON we send, parsed by
 the same function, so no listing is needed after our own writes (a listing with 10k+ set
 elements costs 0.1-0.5 s, nft fetching every element even for `list chain`). Handles, counters
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.firewall.model import FAMILY, TABLE, CompiledRuleset, merge_ports, sorted_ips
-from agent.firewall.nftjson import ALL_CHAINS, BASE_CHAINS, chain_exprs
+from agent.firewall.nftjson import BASE_ATTRS, chain_exprs, chains
 
 _SHOWN = 5
 _PROTO_NUMBERS = {1: "icmp", 6: "tcp", 17: "udp"}
@@ -55,24 +56,37 @@ def _ports(right: Any) -> str | None:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in merge_ports(ranges))
 
 
+def _address(right: Any) -> str | None:
+    """A set reference (`@s_...`) as is; an address or prefix as CIDR (nft lists a /32 as an address)."""
+    if isinstance(right, str):
+        return right if right.startswith("@") or "/" in right else f"{right}/32"
+    prefix = right.get("prefix") if isinstance(right, dict) else None
+    if isinstance(prefix, dict) and isinstance(prefix.get("addr"), str) and isinstance(prefix.get("len"), int):
+        return f"{prefix['addr']}/{prefix['len']}"
+    return None
+
+
 def _match_token(match: Any) -> str | None:
-    if not isinstance(match, dict) or match.get("op") not in ("==", "in"):
+    if not isinstance(match, dict) or match.get("op") not in ("==", "in", "!="):
         return None
     left, right = match.get("left"), match.get("right")
     if not isinstance(left, dict):
         return None
+    if "meta" in left and left["meta"].get("key") in ("iifname", "oifname") and isinstance(right, str):
+        return f"{left['meta']['key']}{'!=' if match['op'] == '!=' else ''} {right}"
+    if match["op"] == "!=":  # we negate interface names only
+        return None
     if "ct" in left and left["ct"].get("key") == "state":
         return "ct " + ",".join(sorted(str(v) for v in _values(right)))
-    if "meta" in left and left["meta"].get("key") in ("iifname", "oifname") and isinstance(right, str):
-        return f"{left['meta']['key']} {right}"
     payload = left.get("payload") or {}
     proto_match = ("meta" in left and left["meta"].get("key") == "l4proto") or (
         payload.get("protocol") == "ip" and payload.get("field") == "protocol"
     )
     if proto_match:
         return "proto " + str(_PROTO_NUMBERS.get(right, right) if isinstance(right, int) else right)
-    if payload.get("protocol") == "ip" and payload.get("field") in ("saddr", "daddr") and isinstance(right, str):
-        return f"{'in' if payload['field'] == 'saddr' else 'out'} {right}"
+    if payload.get("protocol") == "ip" and payload.get("field") in ("saddr", "daddr"):
+        address = _address(right)
+        return None if address is None else f"{'in' if payload['field'] == 'saddr' else 'out'} {address}"
     if payload.get("protocol") in ("tcp", "udp") and payload.get("field") == "dport":
         ports = _ports(right)
         return None if ports is None else f"{payload['protocol']} {ports}"
@@ -91,7 +105,7 @@ def rule_token(rule: Mapping[str, Any]) -> str:
     ((kind, arg),) = verdict.items()
     if kind == "jump" and isinstance(arg, dict):
         kind = f"jump {arg.get('target')}"
-    elif kind not in ("accept", "drop"):
+    elif kind not in ("accept", "drop", "masquerade") or arg is not None:
         return unknown
     tokens = []
     for m in matches:
@@ -106,7 +120,7 @@ def rule_token(rule: Mapping[str, Any]) -> str:
 
 
 def expected_rules(model: CompiledRuleset) -> dict[str, tuple[str, ...]]:
-    return {c: tuple(rule_token({"expr": e, "comment": k}) for e, k in chain_exprs(model, c)) for c in ALL_CHAINS}
+    return {c: tuple(rule_token({"expr": e, "comment": k}) for e, k in chain_exprs(model, c)) for c in chains(model)}
 
 
 def _element(item: Any) -> str:
@@ -164,16 +178,19 @@ def _ips(ips: frozenset[str]) -> str:
 
 def _chain_problems(snap: Snapshot, model: CompiledRuleset) -> list[str]:
     problems = []
-    for name in sorted(set(ALL_CHAINS) - set(snap.chains)):
+    wanted = chains(model)
+    for name in sorted(set(wanted) - set(snap.chains)):
         problems.append(f"chain {name} was deleted")
-    for name in sorted(set(snap.chains) - set(ALL_CHAINS)):
+    for name in sorted(set(snap.chains) - set(wanted)):
         problems.append(f"unexpected chain {name} was added")
-    for name in ALL_CHAINS:
+    for name in wanted:
         attrs = snap.chains.get(name)
         if attrs is None:
             continue
         got = (attrs.get("type"), attrs.get("hook"), attrs.get("prio"), attrs.get("policy"))
-        want = ("filter", name, 0, "accept") if name in BASE_CHAINS else (None, None, None, None)
+        want: tuple[object, ...] = (None, None, None, None)
+        if name in BASE_ATTRS:
+            want = (*BASE_ATTRS[name], "accept")
         if got != want:
             problems.append(f"chain {name} is now type/hook/priority/policy {got}, expected {want}")
     for name, want_rules in expected_rules(model).items():

@@ -208,8 +208,18 @@ class FakeKernel:
             t["chains"][name] = {k: v for k, v in body.items() if k not in ("family", "table")}
             t["rules"].setdefault(name, [])
         elif kind == "chain" and verb == "flush":
+            if name not in t["chains"]:
+                raise fail
             t["rules"][name] = []
+        elif kind == "chain" and verb == "delete":  # nft refuses a chain that has rules or is jumped to
+            jumped = any(f'"target": "{name}"' in json.dumps(r) for rs in t["rules"].values() for r in rs)
+            if name not in t["chains"] or t["rules"][name] or jumped:
+                raise fail
+            del t["chains"][name], t["rules"][name]
         elif kind == "rule" and verb == "add":
+            targets = [m["jump"]["target"] for m in body["expr"] if "jump" in m]
+            if body["chain"] not in t["chains"] or any(target not in t["chains"] for target in targets):
+                raise fail
             for ref in [m["match"]["right"] for m in body["expr"] if "match" in m]:
                 if isinstance(ref, str) and ref.startswith("@") and ref[1:] not in t["sets"]:
                     raise fail
