@@ -60,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="do not install the nftables table (the operator filters mesh traffic)",
     )
+    up.add_argument(
+        "--exit-node",
+        metavar="PEER",
+        help="send all traffic through this peer (name or id; 'none': no exit node; '': the coordinator's choice)",
+    )
     up.add_argument("--foreground", action="store_true", help="run the daemon here instead of through systemd")
     daemon = sub.add_parser("daemon", help="run the agent daemon in the foreground")
     daemon.add_argument("--state-dir", type=Path)
@@ -145,6 +150,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             setattr(config, attr, value)
+    if args.exit_node is not None:
+        config.exit_node = args.exit_node
     config.validate()
     setup_key = args.setup_key or os.environ.get("STARLING_SETUP_KEY", "")
     try:
@@ -153,6 +160,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         running = None
     if running is not None:
         status = running.get("status", {})
+        if args.exit_node is not None:
+            return _set_exit_node(config, args)
         print(f"starling is already up as {status.get('name')} ({status.get('mesh_ip')}); `starling down` first")
         return 0
     state_file = config.state_file
@@ -202,6 +211,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"started {SYSTEMD_UNIT}")
         return 0
     return run_daemon(config)
+
+
+def _set_exit_node(config: AgentConfig, args: argparse.Namespace) -> int:
+    """`starling up --exit-node PEER` on a running agent: switch now and keep it in agent.yaml."""
+    reply = call(config.control_socket, {"cmd": "exit-node", "peer": config.exit_node}, timeout=10)
+    if not reply.get("ok"):
+        raise CliError(str(reply.get("error")), EXIT_USAGE)
+    save_config(config, config_path(args))
+    routing = reply["routing"]
+    if routing["exit_node"]:
+        print(f"exit node: {routing['exit_node']} (all traffic leaves the mesh there)")
+    elif config.exit_node not in ("", "none"):
+        print(f"exit node {config.exit_node} not used: {routing['exit_reason']}")
+        return EXIT_RUNTIME
+    else:
+        print("no exit node")
+    return 0
 
 
 def _systemd_available() -> bool:
@@ -399,6 +425,26 @@ def _nat_line(nat: dict[str, Any]) -> str:
     return f"public mapping unknown: {refl.get('error') or 'not probed yet'}"
 
 
+def _routing_lines(routing: dict[str, Any]) -> list[str]:
+    """Routes this peer may use (active routing peer, or why not installed), exit node, forwarding."""
+    lines: list[str] = []
+    for r in routing.get("routes", []):
+        if r["prefix"] == "0.0.0.0/0" and not r["active_router"]:
+            continue  # exit routes not chosen: listed by the exit node line
+        routers = ", ".join(f"{x['name']}({x['metric']}{'' if x['up'] else ', down'})" for x in r["routers"]) or "-"
+        where = f"via {r['active_router']}" if r["installed"] else f"NOT INSTALLED: {r['reason']}"
+        lines.append(f"Route:       {r['prefix']} ({r['name']}) {where}; routers {routers}")
+    if routing.get("exit_node"):
+        lines.append(f"Exit node:   {routing['exit_node']} (all other traffic leaves the mesh there)")
+    elif routing.get("exit_reason") not in (None, "", "no exit node chosen"):
+        lines.append(f"Exit node:   none: {routing['exit_reason']}")
+    if routing.get("forwarding"):
+        lines.append("Forwarding:  on (this peer routes for others; the firewall's forward rules decide who)")
+    if routing.get("last_error"):
+        lines.append(f"Routing:     ERROR {routing['last_error']}")
+    return lines
+
+
 def format_status(status: dict[str, Any], *, detail: bool) -> str:
     mgmt, sig = status["management"], status["signal"]
     peers = status["peers"]
@@ -412,6 +458,7 @@ def format_status(status: dict[str, Any], *, detail: bool) -> str:
         f"Peers:       {connected}/{len(peers)} connected (map serial {status['map_serial']})",
         "Firewall:    " + _firewall_line(status.get("firewall", {})),
         "NAT:         " + _nat_line(status.get("nat", {})),
+        *_routing_lines(status.get("routing") or {}),
     ]
     if detail:
         for p in peers:

@@ -40,6 +40,7 @@ class AgentConfig:
     report_interval: float = 5.0
     keepalive: int = 25
     disable_firewall: bool = False  # the operator filters mesh traffic themselves
+    exit_node: str = ""  # peer name or id to send all traffic through (an exit node); "" = the coordinator's choice
     metrics_listen: str = ""  # e.g. "127.0.0.1:9586": Prometheus metrics on a local port; empty = off
     log_format: str = "text"
     log_level: str = "info"

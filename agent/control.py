@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.status import AgentStatus, Explanation
+from agent.status import AgentStatus, Explanation, RoutingStatus
 
 MAX_REQUEST = 4096
 
@@ -30,6 +30,8 @@ class Controlled(Protocol):
     async def reload_key(
         self, expect_public_key: str | None = None, verify_timeout: float = 30.0
     ) -> dict[str, Any]: ...
+
+    async def set_exit_node(self, wanted: str) -> RoutingStatus: ...
 
 
 class ControlServer:
@@ -72,6 +74,11 @@ class ControlServer:
         request = json.loads(raw or b"{}")
         if isinstance(request, dict) and request.get("cmd") == "key-reload":
             return await self._key_reload(request)
+        if isinstance(request, dict) and request.get("cmd") == "exit-node":
+            wanted = request.get("peer")
+            if not isinstance(wanted, str) or len(wanted) > 253:
+                return {"ok": False, "error": "exit-node needs a peer name or id, 'none', or '' (the coordinator's)"}
+            return {"ok": True, "routing": await self.target.set_exit_node(wanted)}
         return self.dispatch(raw)
 
     async def _key_reload(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -40,8 +40,10 @@ from agent.nat.fallback import Fallback, SignalLink
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PeerConnection
 from agent.rekey import KeyRotator
+from agent.routing.driver import RouteDriver, resolve_exit
+from agent.routing.kernel import KernelRoutes
 from agent.signalling import Signalling
-from agent.status import AgentStatus, Explanation, PathReport, ServiceStatus
+from agent.status import AgentStatus, Explanation, PathReport, RoutingStatus, ServiceStatus
 from agent.wg import WireGuardBackend
 from agent.wg.backend import PeerStats
 from agent.wg.port import ThreadedWireGuard
@@ -102,6 +104,8 @@ class Agent:
             tls=self.tls,
         )
         self.fallback = Fallback(self)
+        routes = KernelRoutes(backend.interface, state_file=config.state_dir / "routing.json")
+        self.routing = RouteDriver(routes, backend.interface)
         self.map_redial = asyncio.Event()  # set: drop the map stream now and reconnect (roaming)
         self.rotation = KeyRotator(self)
 
@@ -164,6 +168,7 @@ class Agent:
             await self.fallback.close(link.conn for link in self.links.values())
             self.endpoints.close()
             await self.endpoints.remove()
+            await self.routing.remove()  # the host's routing as it was (an exit node must not outlive us)
             if self.remove_on_exit:
                 with contextlib.suppress(FirewallError):
                     await asyncio.to_thread(self.firewall.remove)
@@ -269,13 +274,15 @@ class Agent:
         if address != self._address:
             await asyncio.to_thread(netlink.ensure_address, self.backend.interface, *address)
             self._address = address
-        if change.firewall or self.firewall_pending:
+        if change.firewall or change.routes or self.firewall_pending:
             await self._apply_firewall()
         endpoints = self.endpoints
         if change.added and endpoints.reflexive.address is None and endpoints.reflexive.last_error is None:
             # Learn our public mapping before the first offers, so they carry it (bounded: 1 s).
             await endpoints.refresh_reflexive(limit=1.0)
         await self._reconcile(change)
+        if change.routes or change.added or change.removed or change.firewall:
+            await self._route()
         if endpoints.reflexive.address is None and endpoints.stun_servers():
             endpoints.wakeup.set()
         self.signalling.url_known.set()
@@ -323,6 +330,25 @@ class Agent:
             for key in set(await self.wg.peers()) - wanted:
                 await self.wg.remove_peer(key)
 
+    async def _route(self) -> None:
+        """Routes, exit node and forwarding in line with the map and the tunnels (agent.routing.driver)."""
+        if not self.map.loaded:
+            return
+        urls = [self.state.management_url, self.config.signal_url or self.map.signal.url]
+        urls += [url for relay in self.map.relays for url in relay.urls]
+        exit_node = resolve_exit(self.config.exit_node or (self.map.me.exit_node if self.map.me else ""), self.map)
+        bypass = await self.routing.bypass_for(urls, self.links.values()) if exit_node else ()
+        await self.routing.reconcile(self.map, self.links, exit_node=exit_node, bypass=bypass, mono=time.monotonic())
+
+    async def set_exit_node(self, wanted: str) -> RoutingStatus:
+        """`starling up --exit-node`: use this exit node (name or id; "none": none; "": the coordinator's)."""
+        self.config.exit_node = wanted
+        await self._route()
+        return self.routing.status(self._names())
+
+    def _names(self) -> dict[str, str]:
+        return {pid: entry.name for pid, entry in self.map.peers.items()}
+
     # The LinkDirectory that signalling routes through.
     def link_for_key(self, public_key: str) -> PeerLink | None:
         return self._by_key.get(public_key)
@@ -335,7 +361,7 @@ class Agent:
         try:
             if self.firewall_pending:
                 await asyncio.to_thread(self.firewall.install_guard)
-            await asyncio.to_thread(self.firewall.apply, section)
+            await asyncio.to_thread(self.firewall.apply, section, self.map.forward)
             self.firewall_pending = False
         except FirewallMapError as exc:
             # The map itself is invalid: rejected whole, the previous ruleset (or the guard) stays.
@@ -446,6 +472,8 @@ class Agent:
                 except Exception:
                     # One peer's trouble must not stop the watchdog for all the others.
                     log.exception("watchdog: peer %s", link.conn.name)
+            self.routing.observe(self.links.values(), mono)
+            await self._route()
 
     async def _reporter(self) -> None:
         last: list[PathReport] | None = None
@@ -494,6 +522,7 @@ class Agent:
                 "reflexive": self.endpoints.reflexive.status(),
                 "stun_servers": [f"{h}:{p}" for h, p in self.endpoints.stun_servers()],
             },
+            "routing": self.routing.status(self._names()),
             "uptime": time.time() - self.started,
             "peers": sorted((link.conn.status() for link in self.links.values()), key=lambda p: p["name"]),
         }

@@ -66,6 +66,8 @@ class FirewallStatus(TypedDict):
     rules: int
     sets: int
     elements: int
+    route_rules: int  # of `rules`: "route" (client) and "forward" (routing peer) rules
+    masquerade: list[str]  # forwarded prefixes whose traffic is masqueraded
     last_apply_ms: float | None
     drift_repairs: int
     last_drift: DriftEvent | None
@@ -96,6 +98,31 @@ class PeerStatus(TypedDict):
     relayed_received_bytes: int
 
 
+class RouterStatus(TypedDict):
+    name: str
+    metric: int
+    up: bool
+
+
+class RouteStatus(TypedDict):
+    id: str
+    name: str
+    prefix: str
+    active_router: str | None
+    reason: str
+    installed: bool
+    routers: list[RouterStatus]
+
+
+class RoutingStatus(TypedDict):
+    routes: list[RouteStatus]
+    exit_node: str | None
+    exit_reason: str
+    forwarding: bool
+    failovers: int
+    last_error: str | None
+
+
 class AgentStatus(TypedDict):
     version: str
     name: str
@@ -111,6 +138,7 @@ class AgentStatus(TypedDict):
     map_serial: int
     firewall: FirewallStatus
     nat: NatStatus
+    routing: RoutingStatus
     uptime: float
     peers: list[PeerStatus]
 

@@ -33,6 +33,9 @@ class PeerStats:
     keepalive: int = 0
 
 
+FWMARK = 0x5354  # WireGuard marks its own UDP packets: an exit node's routing rule lets them bypass the tunnel
+
+
 class WireGuardBackend(abc.ABC):
     kind: str = "abstract"
 

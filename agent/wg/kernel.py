@@ -9,7 +9,7 @@ from typing import Any
 from pyroute2 import IPRoute, WireGuard
 
 from agent import netlink
-from agent.wg.backend import PeerConfig, PeerStats, WireGuardBackend, WireGuardError
+from agent.wg.backend import FWMARK, PeerConfig, PeerStats, WireGuardBackend, WireGuardError
 
 
 def kernel_module_available() -> bool:
@@ -58,7 +58,7 @@ class KernelBackend(WireGuardBackend):
                     ipr.link("add", ifname=self.interface, kind="wireguard")
                 except Exception as exc:
                     raise WireGuardError(f"{self.interface}: cannot create kernel WireGuard link: {exc}") from exc
-        self._call(private_key=private_key, listen_port=int(listen_port))
+        self._call(private_key=private_key, listen_port=int(listen_port), fwmark=FWMARK)
         netlink.set_up(self.interface, mtu=1280)
 
     def set_private_key(self, private_key: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from agent import netlink
-from agent.wg.backend import PeerConfig, PeerStats, WireGuardBackend, WireGuardError
+from agent.wg.backend import FWMARK, PeerConfig, PeerStats, WireGuardBackend, WireGuardError
 from agent.wg.uapi import SOCKET_DIR, UapiClient, key_to_hex, peer_lines
 
 
@@ -34,7 +34,9 @@ class UserspaceBackend(WireGuardBackend):
     def up(self, private_key: str, listen_port: int) -> None:
         if not self._socket_ready():
             self._spawn()
-        self.uapi.set([f"private_key={key_to_hex(private_key)}", f"listen_port={int(listen_port)}"])
+        self.uapi.set(
+            [f"private_key={key_to_hex(private_key)}", f"listen_port={int(listen_port)}", f"fwmark={FWMARK}"]
+        )
         netlink.set_up(self.interface, mtu=1280)
 
     def _spawn(self) -> None:
