@@ -74,8 +74,10 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("-d", "--detail", action="store_true", help="per-peer detail")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--state-dir", type=Path)
-    explain = sub.add_parser("explain", help="why a peer is on its current path (direct or relayed)")
-    explain.add_argument("peer", help="peer name, id or public key")
+    explain = sub.add_parser(
+        "explain", help="why a peer is on its current path (direct or relayed), or how an address is routed"
+    )
+    explain.add_argument("peer", help="peer name, id or public key; or an IPv4 address outside the mesh")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.add_argument("--state-dir", type=Path)
     key = sub.add_parser("key", help="the WireGuard key: show it, or reload it from the key source (rotation)")
@@ -368,7 +370,24 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else EXIT_RUNTIME
 
 
+def format_route_explain(data: dict[str, Any]) -> str:
+    lines = [data["verdict"]]
+    route = data.get("route")
+    if route:
+        routers = ", ".join(
+            f"{r['name']}(metric {r['metric']}, {'up' if r['up'] else 'down'})" for r in route["routers"]
+        )
+        lines.append(f"  route:    {route['name']} {route['prefix']} ({route['id']})")
+        lines.append(f"  routers:  {routers or '-'}; active: {route['active_router'] or '-'} ({route['reason']})")
+    for p in data.get("policies", []):
+        ports = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in p["ports"]) or "all ports"
+        lines.append(f"  allowed by policy {p['policy_id']}: {p['protocol']} {ports}")
+    return "\n".join(lines)
+
+
 def format_explain(data: dict[str, Any]) -> str:
+    if "address" in data:
+        return format_route_explain(data)
     peer, refl = data["peer"], data["reflexive"]
     ours = ", ".join(f"{c['kind']} {c['address']}" for c in data["our_candidates"]) or "none"
     theirs = ", ".join(f"{c['kind']} {c['address']}" for c in peer["candidates"]) or "none received"

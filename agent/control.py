@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.status import AgentStatus, Explanation, RoutingStatus
+from agent.status import AgentStatus, Explanation, RouteExplanation, RoutingStatus
 
 MAX_REQUEST = 4096
 
@@ -25,7 +25,7 @@ class Controlled(Protocol):
 
     def request_stop(self, remove: bool = False) -> None: ...
 
-    def explain(self, name: str) -> Explanation | None: ...
+    def explain(self, name: str) -> Explanation | RouteExplanation | None: ...
 
     async def reload_key(
         self, expect_public_key: str | None = None, verify_timeout: float = 30.0

@@ -43,11 +43,12 @@ from agent.rekey import KeyRotator
 from agent.routing.driver import RouteDriver, resolve_exit
 from agent.routing.kernel import KernelRoutes
 from agent.signalling import Signalling
-from agent.status import AgentStatus, Explanation, PathReport, RoutingStatus, ServiceStatus
+from agent.status import AgentStatus, Explanation, PathReport, RouteExplanation, RoutingStatus, ServiceStatus
 from agent.wg import WireGuardBackend
 from agent.wg.backend import PeerStats
 from agent.wg.port import ThreadedWireGuard
 from starling_proto.netmap import FullMap, MapMessage, UnsupportedMapVersion, parse_map_message
+from starling_proto.wire import is_mesh_ipv4
 
 log = logging.getLogger("starling.agent")
 RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
@@ -527,8 +528,16 @@ class Agent:
             "peers": sorted((link.conn.status() for link in self.links.values()), key=lambda p: p["name"]),
         }
 
-    def explain(self, name: str) -> Explanation | None:
-        """Why a peer is on its path: NAT facts, candidates, the attempts and their results."""
+    def explain(self, name: str) -> Explanation | RouteExplanation | None:
+        """Why a peer is on its path: NAT facts, candidates, the attempts and their results; for an
+        address outside the mesh, the route, routing peer and policies it goes through."""
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            pass
+        else:
+            if not is_mesh_ipv4(name):
+                return self.routing.explain(name, self.map, self._names())
         conn = next(
             (
                 link.conn

@@ -123,6 +123,21 @@ class RoutingStatus(TypedDict):
     last_error: str | None
 
 
+class RoutePolicy(TypedDict):
+    policy_id: str
+    protocol: str
+    ports: list[list[int]]
+
+
+class RouteExplanation(TypedDict):
+    """`starling explain <address>` for an address outside the mesh: which route, router and policies."""
+
+    address: str
+    route: RouteStatus | None
+    policies: list[RoutePolicy]
+    verdict: str
+
+
 class AgentStatus(TypedDict):
     version: str
     name: str

@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 
 from agent.netmap import NetworkMap
 from agent.peers import PathState, PeerConnection
-from agent.routing.choice import EXIT, ROUTE_KEEPALIVE, RouteChoice, RoutingDecision
+from agent.routing.choice import EXIT, ROUTE_KEEPALIVE, RouteChoice, RouteState, RoutingDecision
 from agent.routing.plan import ExitPlan, RoutingPlan
 from agent.routing.port import RouteTable, RoutingError, RoutingReport
-from agent.status import RouteStatus, RoutingStatus
+from agent.status import RouteExplanation, RoutePolicy, RouteStatus, RoutingStatus
 from agent.wg.backend import FWMARK
 
 log = logging.getLogger("starling.agent.routing")
@@ -146,21 +146,49 @@ class RouteDriver:
             except RoutingError as exc:
                 log.error("routes not removed: %s", exc)
 
+    def _route_status(self, s: RouteState, names: Mapping[str, str]) -> RouteStatus:
+        skipped = self.report.skipped if self.report else {}
+        return {
+            "id": s.route_id,
+            "name": s.name,
+            "prefix": s.prefix,
+            "active_router": names.get(s.active, s.active) if s.active else None,
+            "reason": skipped.get(s.prefix, s.reason) if s.prefix != EXIT else s.reason,
+            "installed": bool(s.active) and s.prefix not in skipped,
+            "routers": [{"name": names.get(p, p), "metric": m, "up": up} for p, m, up in s.routers],
+        }
+
+    def explain(self, address: str, netmap: NetworkMap, names: Mapping[str, str]) -> RouteExplanation:
+        """How traffic to `address` (outside the mesh) leaves this peer: the most specific route that
+        covers it (or the exit node's), its active router, and the policies that allow it."""
+        ip = ipaddress.IPv4Address(address)
+        covering = [
+            s for s in self.decision.routes if ip in ipaddress.IPv4Network(s.prefix) and (s.prefix != EXIT or s.active)
+        ]
+        best = max(covering, key=lambda s: ipaddress.IPv4Network(s.prefix).prefixlen, default=None)
+        policies: list[RoutePolicy] = [
+            {"policy_id": r.policy_id, "protocol": r.protocol, "ports": [list(p) for p in r.ports]}
+            for r in netmap.rules
+            if r.direction == "route" and best is not None and r.route_id == best.route_id
+        ]
+        if best is None:
+            verdict = f"no route covers {address} in this peer's map (no policy allows one, or none exists)"
+        else:
+            status = self._route_status(best, names)
+            if status["installed"]:
+                verdict = f"{address} goes through {status['active_router']} (route {best.name}, {best.prefix})"
+            else:
+                verdict = f"route {best.name} ({best.prefix}) is not in use here: {status['reason']}"
+        return {
+            "address": address,
+            "route": self._route_status(best, names) if best else None,
+            "policies": policies,
+            "verdict": verdict,
+        }
+
     def status(self, names: Mapping[str, str]) -> RoutingStatus:
         """Routes as `starling status` shows them; `names`: peer id -> name."""
-        skipped = self.report.skipped if self.report else {}
-        routes: list[RouteStatus] = [
-            {
-                "id": s.route_id,
-                "name": s.name,
-                "prefix": s.prefix,
-                "active_router": names.get(s.active, s.active) if s.active else None,
-                "reason": skipped.get(s.prefix, s.reason) if s.prefix != EXIT else s.reason,
-                "installed": bool(s.active) and s.prefix not in skipped,
-                "routers": [{"name": names.get(p, p), "metric": m, "up": up} for p, m, up in s.routers],
-            }
-            for s in self.decision.routes
-        ]
+        routes = [self._route_status(s, names) for s in self.decision.routes]
         exit_node = self.decision.exit_node
         return {
             "routes": routes,
