@@ -9,6 +9,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from starling_proto.keys import KeyFormatError, decode_public_key
+from starling_proto.routes import EXIT_PREFIX, MAX_ROUTERS, METRIC_DEFAULT, METRIC_MAX, METRIC_MIN, check_route_prefix
 
 PEER_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 LABEL = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
@@ -121,12 +122,18 @@ class PeerOut(BaseModel):
     created_at: dt.datetime
     connections: list[ConnectionState]
     connections_reported_at: dt.datetime | None
+    exit_node: str | None = Field(None, description="the exit node chosen for this peer (a peer name), or null")
 
 
 class PeerUpdate(StrictModel):
     name: PeerName | None = None
     groups: list[Label] | None = Field(None, max_length=1000)
     approved: bool | None = None
+    exit_node: PeerName | None = Field(
+        None,
+        description="a routing peer of a 0.0.0.0/0 route to send this peer's internet traffic through; "
+        "null clears it, an absent key keeps it",
+    )
 
 
 class Challenge(BaseModel):
@@ -238,11 +245,14 @@ def format_port(rng: list[int] | tuple[int, int]) -> str:
 class Endpoints(StrictModel):
     groups: list[Label] = Field(default_factory=list, max_length=1000)
     peers: list[PeerName] = Field(default_factory=list, max_length=1000)
+    routes: list[Label] = Field(
+        default_factory=list, max_length=1000, description="route names (destinations only: a route is never a source)"
+    )
 
     @model_validator(mode="after")
     def _not_empty(self) -> Endpoints:
-        if not self.groups and not self.peers:
-            raise ValueError("name at least one group or peer")
+        if not self.groups and not self.peers and not self.routes:
+            raise ValueError("name at least one group, peer or route")
         return self
 
 
@@ -298,6 +308,83 @@ class PolicyOut(BaseModel):
     bidirectional: bool
     sources: Endpoints
     destinations: Endpoints
+    created_at: dt.datetime
+
+
+# ----- routes -------------------------------------------------------------------------------
+def _route_prefix(value: str) -> str:
+    check_route_prefix(value)  # ValueError says why (host bits set, mesh range, loopback, ...)
+    return value
+
+
+RoutePrefix = Annotated[str, StringConstraints(max_length=18), AfterValidator(_route_prefix)]
+Metric = Annotated[int, Field(ge=METRIC_MIN, le=METRIC_MAX)]
+
+
+class RouterIn(StrictModel):
+    """A routing peer of a route: one peer, or every member of a group (exactly one of the two)."""
+
+    peer: PeerName | None = None
+    group: Label | None = None
+    metric: Metric = Field(METRIC_DEFAULT, description=f"{METRIC_MIN}-{METRIC_MAX}; lower is preferred")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RouterIn:
+        if (self.peer is None) == (self.group is None):
+            raise ValueError("a router names exactly one of peer or group")
+        return self
+
+
+def _routers(value: list[RouterIn] | None) -> list[RouterIn] | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("a route needs at least one routing peer (a peer or a group)")
+    seen: set[tuple[str, str]] = set()
+    for i, router in enumerate(value):
+        key = ("peer", router.peer) if router.peer is not None else ("group", router.group or "")
+        if key in seen:
+            raise ValueError(f"[{i}]: {key[0]} {key[1]!r} is named twice")
+        seen.add(key)
+    return value
+
+
+Routers = Annotated[list[RouterIn], Field(max_length=MAX_ROUTERS), AfterValidator(_routers)]
+
+
+class RouteIn(StrictModel):
+    name: Label
+    description: Text = ""
+    prefix: RoutePrefix = Field(description=f"IPv4 prefix, e.g. 198.18.40.0/24; {EXIT_PREFIX} makes an exit node")
+    routers: Routers
+    masquerade: bool = True
+    enabled: bool = True
+
+
+class RouteUpdate(StrictModel):
+    name: Label | None = None
+    description: Text | None = None
+    prefix: RoutePrefix | None = None
+    routers: Routers | None = None
+    masquerade: bool | None = None
+    enabled: bool | None = None
+
+
+class RouterOut(BaseModel):
+    peer: str | None
+    group: str | None
+    metric: int
+
+
+class RouteOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    prefix: str
+    exit_node: bool = Field(description=f"the prefix is {EXIT_PREFIX}: its routing peers are exit nodes")
+    masquerade: bool
+    enabled: bool
+    routers: list[RouterOut]
     created_at: dt.datetime
 
 

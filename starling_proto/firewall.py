@@ -74,7 +74,7 @@ class FirewallRule:
         named = f"{where} (policy {policy_id})"
         direction = raw.get("direction")
         if direction not in DIRECTIONS:
-            raise WireFormatError(f"{named}: unknown direction {direction!r} (in or out)", field=where)
+            raise WireFormatError(f"{named}: unknown direction {direction!r} (in, out, route or forward)", field=where)
         action = raw.get("action", "accept")
         if action != "accept":
             raise WireFormatError(f"{named}: unknown action {action!r} (only accept)", field=where)

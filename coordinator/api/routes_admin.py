@@ -1,4 +1,4 @@
-"""Admin API: peers, groups and policies (read with any token, write with a write-scoped token)."""
+"""Admin API: peers, groups, policies and routes (read with any token, write with a write-scoped token)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from coordinator.schemas import (
     PolicyIn,
     PolicyOut,
     PolicyUpdate,
+    RouteIn,
+    RouteOut,
+    RouteUpdate,
 )
 
 router = APIRouter(prefix="/api/v1")
@@ -131,4 +134,33 @@ def update_policy(coord: Coord, caller: Writer, policy_id: str, body: PolicyUpda
 @router.delete("/policies/{policy_id}", status_code=204, tags=["policies"])
 def delete_policy(coord: Coord, caller: Writer, policy_id: str) -> Response:
     coord.policies.delete(caller.actor, policy_id)
+    return Response(status_code=204)
+
+
+# ----- routes -----------------------------------------------------------------------------------
+@router.get("/routes", tags=["routes"])
+def list_routes(
+    coord: Coord, _: Reader, name: NameFilter = None, cursor: Cursor = None, limit: Limit = 100
+) -> Page[RouteOut]:
+    return coord.routes.find(name=name, cursor=cursor, limit=limit)
+
+
+@router.post("/routes", status_code=201, tags=["routes"])
+def create_route(coord: Coord, caller: Writer, body: RouteIn) -> RouteOut:
+    return coord.routes.create(caller.actor, body)
+
+
+@router.get("/routes/{route_id}", tags=["routes"])
+def get_route(coord: Coord, _: Reader, route_id: str) -> RouteOut:
+    return coord.routes.get(route_id)
+
+
+@router.patch("/routes/{route_id}", tags=["routes"])
+def update_route(coord: Coord, caller: Writer, route_id: str, body: RouteUpdate) -> RouteOut:
+    return coord.routes.update(caller.actor, route_id, body)
+
+
+@router.delete("/routes/{route_id}", status_code=204, tags=["routes"])
+def delete_route(coord: Coord, caller: Writer, route_id: str) -> Response:
+    coord.routes.delete(caller.actor, route_id)
     return Response(status_code=204)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coordinator.engine.bits import bit_list
-from coordinator.engine.graph import MeshGraph, PeerNode, Rule
+from coordinator.engine.graph import Forwards, MeshGraph, PeerNode, Routes, Rule
 from starling_proto.netmap import (
     DnsConfig,
     MapDelta,
@@ -36,6 +36,8 @@ class SentState:
     reach: int = 0
     rules: tuple[Rule, ...] = ()
     sets: dict[str, int] = field(default_factory=dict)
+    routes: Routes = ()
+    forward: Forwards = ()
     settings_rev: int = -1
     relays_key: str = ""
 
@@ -109,7 +111,9 @@ class MapRenderer:
         settings = self.graph.settings
         e = self.entry(node)[0]
         prefix = settings.mesh_prefix if settings else ""
-        return SelfEntry(e.id, e.name, e.public_key, e.mesh_ip, e.allowed_ips, e.dns_name, prefix, node.approved)
+        return SelfEntry(
+            e.id, e.name, e.public_key, e.mesh_ip, e.allowed_ips, e.dns_name, prefix, node.approved, node.exit_node
+        )
 
     # ----- messages ----------------------------------------------------------------------
     def full(self, peer_id: str, relays: Relays, sent: SentState | None = None) -> str:
@@ -123,6 +127,8 @@ class MapRenderer:
             dns=self.dns(),
             signal=self.signal(),
             relays=relays,
+            routes=state.routes,
+            forward=state.forward,
             peers_json=self.entries_json(state.reach),
             rules=state.rules,
             sets_json=self.sets_json(state.sets),
@@ -154,16 +160,19 @@ class MapRenderer:
         }
         node = graph.peers[peer_id]
         settings_changed = graph.settings_rev != sent.settings_rev
+        self_changed = node.info_rev > sent.revision or node.self_rev > sent.revision
         head = MapDelta(
             serial=state.serial,
             base_serial=sent.serial,
             peers_remove=tuple(graph.slot_ids[s] for s in bit_list(removed)) if removed else (),
             rules=state.rules if state.rules != sent.rules else None,
             sets_remove=tuple(name for name in sent.sets if name not in state.sets),
-            peer=self.self_entry(node) if settings_changed or node.info_rev > sent.revision else None,
+            peer=self.self_entry(node) if settings_changed or self_changed else None,
             dns=self.dns() if settings_changed else None,
             signal=self.signal() if settings_changed else None,
             relays=relays if relays_key != sent.relays_key else None,
+            routes=state.routes if state.routes != sent.routes else None,
+            forward=state.forward if state.forward != sent.forward else None,
         )
         upserts = self.entries_json(added | updated) if added | updated else ""
         self._remember(sent, peer_id, relays)
@@ -179,5 +188,7 @@ class MapRenderer:
         sent.reach = state.reach
         sent.rules = state.rules
         sent.sets = dict(state.sets)
+        sent.routes = state.routes
+        sent.forward = state.forward
         sent.settings_rev = self.graph.settings_rev
         sent.relays_key = relays_json(relays)

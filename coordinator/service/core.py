@@ -26,11 +26,11 @@ from coordinator.maps import MapService
 from coordinator.metrics import Metrics
 from coordinator.security import hash_secret
 from coordinator.service.context import NoStreams, StreamNotifier
-from coordinator.service.tx import Tx, peer_node, policy_node, settings_node
+from coordinator.service.tx import Tx, peer_node, policy_node, route_node, settings_node
 from coordinator.signing import TokenSigner
 from coordinator.store import Store
 from coordinator.store.database import is_unique_violation
-from coordinator.store.models import Group, MeshSettings, Peer, Policy
+from coordinator.store.models import Group, MeshSettings, Peer, Policy, Route
 from coordinator.throttle import AuthThrottle
 from starling_proto.netmap import RelayCredential
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from coordinator.service.groups import GroupService
     from coordinator.service.peers import PeerService
     from coordinator.service.policies import PolicyService
+    from coordinator.service.routes import RouteService
     from coordinator.service.settings import SettingsService
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Coordinator:
     peers: PeerService
     groups: GroupService
     policies: PolicyService
+    routes: RouteService
     credentials: CredentialService
     settings: SettingsService
 
@@ -58,6 +60,7 @@ class Coordinator:
         from coordinator.service.groups import GroupService
         from coordinator.service.peers import PeerService
         from coordinator.service.policies import PolicyService
+        from coordinator.service.routes import RouteService
         from coordinator.service.settings import SettingsService
 
         self.config = config
@@ -83,6 +86,7 @@ class Coordinator:
         self.peers = PeerService(self)
         self.groups = GroupService(self)
         self.policies = PolicyService(self)
+        self.routes = RouteService(self)
         self.credentials = CredentialService(self)
         self.settings = SettingsService(self)
         self.throttle = AuthThrottle.for_coordinator(self)  # failed authentications per source address
@@ -116,10 +120,11 @@ class Coordinator:
             groups = {g.id: g.name for g in s.scalars(select(Group))}
             policies = [policy_node(p) for p in s.scalars(select(Policy).order_by(Policy.id))]
             peers = [peer_node(p) for p in s.scalars(select(Peer).order_by(Peer.created_at, Peer.id))]
+            routes = [route_node(r) for r in s.scalars(select(Route).order_by(Route.id))]
             revision = settings.revision
             snode = settings_node(settings)
         with self.lock:
-            self.graph.load(snode, groups, policies, peers, revision)
+            self.graph.load(snode, groups, policies, peers, revision, routes)
             self.maps.reset()
             self.metrics.observe_compute(self.graph.last_stats.maps, time.perf_counter() - started, full=True)
         self.hub.notify_all()

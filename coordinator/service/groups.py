@@ -1,4 +1,4 @@
-"""Groups: create, rename, set members, delete (refused while a policy or setup key uses the group)."""
+"""Groups: create, rename, set members, delete (refused while a policy, a route or a setup key uses the group)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from coordinator.security import new_id
 from coordinator.service.context import ServiceContext
 from coordinator.service.lookup import page, peer_ids
 from coordinator.service.tx import Tx, peer_node, upsert_peer, utcnow
-from coordinator.store.models import Group, Peer, PeerGroup, Policy, SetupKey
+from coordinator.store.models import Group, Peer, PeerGroup, Policy, Route, RouteRouter, SetupKey
 
 
 def group_out(session: Session, group: Group) -> GroupOut:
@@ -107,6 +107,9 @@ class GroupService:
             ]
             if users:
                 raise Conflict(f"group {group.name!r} is used by policies: {', '.join(sorted(users))}")
+            routes = sorted(s.scalars(select(Route.name).join(RouteRouter).where(RouteRouter.group_id == group_id)))
+            if routes:
+                raise Conflict(f"group {group.name!r} routes routes: {', '.join(routes)}")
             keys = [k.name for k in s.scalars(select(SetupKey)) if group_id in k.auto_groups]
             if keys:
                 raise Conflict(f"group {group.name!r} is an auto-group of setup keys: {', '.join(sorted(keys))}")

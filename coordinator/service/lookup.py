@@ -9,7 +9,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from coordinator.errors import UnknownReference
-from coordinator.store.models import Group, Peer
+from coordinator.store.models import Group, Peer, Route
 
 R = TypeVar("R")
 MAX_PAGE = 1000
@@ -34,6 +34,23 @@ def peer_ids(session: Session, names: Sequence[str], field: str) -> list[str]:
         if name not in found:
             raise UnknownReference(f"unknown peer {name!r}", field=f"{field}[{idx}]")
     return list(dict.fromkeys(found[n] for n in names))
+
+
+def route_ids(session: Session, names: Sequence[str], field: str) -> list[str]:
+    if not names:
+        return []
+    found = {r.name: r.id for r in session.scalars(select(Route).where(Route.name.in_(set(names))))}
+    for idx, name in enumerate(names):
+        if name not in found:
+            raise UnknownReference(f"unknown route {name!r}", field=f"{field}[{idx}]")
+    return list(dict.fromkeys(found[n] for n in names))
+
+
+def route_names(session: Session, ids: Sequence[str]) -> list[str]:
+    if not ids:
+        return []
+    names = {row[0]: row[1] for row in session.execute(select(Route.id, Route.name).where(Route.id.in_(set(ids))))}
+    return [names[i] for i in ids if i in names]
 
 
 def group_names(session: Session, ids: Sequence[str]) -> list[str]:

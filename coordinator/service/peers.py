@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited, Unauthorized
+from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited, Unauthorized, UnknownReference
 from coordinator.identity import ChallengeError
 from coordinator.ipam import IpAllocator, PrefixError, parse_mesh_prefix
 from coordinator.schemas import (
@@ -31,7 +31,18 @@ from coordinator.security import PEER_CREDENTIAL_PREFIX, hash_secret, new_id, ne
 from coordinator.service.context import ServiceContext
 from coordinator.service.lookup import group_ids, page
 from coordinator.service.tx import Tx, peer_node, upsert_peer, utcnow
-from coordinator.store.models import ConsumedChallenge, Group, MeshSettings, Peer, PeerGroup, Policy, SetupKey
+from coordinator.store.models import (
+    ConsumedChallenge,
+    Group,
+    MeshSettings,
+    Peer,
+    PeerGroup,
+    Policy,
+    Route,
+    RouteRouter,
+    SetupKey,
+)
+from starling_proto.routes import EXIT_PREFIX
 from starling_proto.seal import OpenedRequest, Purpose, SealError, open_request
 
 
@@ -53,6 +64,7 @@ def peer_out(peer: Peer, domain: str) -> PeerOut:
         created_at=peer.created_at,
         connections=[ConnectionState.model_validate(c) for c in peer.connections or []],
         connections_reported_at=peer.connections_reported_at,
+        exit_node=peer.exit_node.name if peer.exit_node_id and peer.exit_node else None,
     )
 
 
@@ -63,6 +75,7 @@ def summary(peer: Peer) -> dict[str, Any]:
         "mesh_ip": peer.mesh_ip,
         "groups": sorted(g.name for g in peer.groups),
         "approved": peer.approved,
+        "exit_node": peer.exit_node.name if peer.exit_node_id and peer.exit_node else None,
     }
 
 
@@ -142,8 +155,10 @@ class PeerService:
                 wanted = group_ids(s, body.groups, "groups")
                 s.execute(delete(PeerGroup).where(PeerGroup.peer_id == peer.id))
                 s.add_all(PeerGroup(peer_id=peer.id, group_id=g) for g in wanted)
+            if "exit_node" in body.model_fields_set:
+                peer.exit_node_id = self._exit_node(s, peer, body.exit_node)
             s.flush()
-            s.refresh(peer, ["groups"])
+            s.refresh(peer, ["groups", "exit_node"])
             after = summary(peer)
             if after != before:
                 tx.graph(upsert_peer(peer_node(peer)))
@@ -151,6 +166,30 @@ class PeerService:
             return peer_out(peer, self.domain)
 
         return self.ctx.write(actor, run)
+
+    @staticmethod
+    def _exit_node(session: Session, peer: Peer, name: str | None) -> str | None:
+        """The id of the exit node named `name` (None: none); Invalid unless it routes a 0.0.0.0/0 route."""
+        if name is None:
+            return None
+        exit_peer = session.scalar(select(Peer).where(Peer.name == name))
+        if exit_peer is None:
+            raise UnknownReference(f"unknown peer {name!r}", field="exit_node")
+        if exit_peer.id == peer.id:
+            raise Invalid("a peer cannot be its own exit node", field="exit_node")
+        groups = [g.id for g in exit_peer.groups]
+        routes = session.scalars(
+            select(Route.name)
+            .join(RouteRouter, RouteRouter.route_id == Route.id)
+            .where(Route.prefix == str(EXIT_PREFIX))
+            .where((RouteRouter.peer_id == exit_peer.id) | RouteRouter.group_id.in_(groups))
+        ).first()
+        if routes is None:
+            raise Invalid(
+                f"peer {name!r} is not an exit node: make it a routing peer of a {EXIT_PREFIX} route first",
+                field="exit_node",
+            )
+        return exit_peer.id
 
     def delete(self, actor: str, peer_id: str) -> None:
         def run(tx: Tx) -> None:
@@ -165,10 +204,17 @@ class PeerService:
             ends = pol.endpoints
             if peer.id in ends["sources"]["peers"] + ends["destinations"]["peers"]:
                 pol.endpoints = {
-                    side: {"groups": ends[side]["groups"], "peers": [p for p in ends[side]["peers"] if p != peer.id]}
+                    side: {**ends[side], "peers": [p for p in ends[side]["peers"] if p != peer.id]}
                     for side in ("sources", "destinations")
                 }
                 tx.audit("policy.update", "policy", pol.id, pol.name, None, {"removed_peer": peer.name})
+        # Peers that used it as their exit node lose it (the store sets null; their maps say so).
+        for user in list(s.scalars(select(Peer).where(Peer.exit_node_id == peer.id))):
+            user.exit_node_id = None
+            s.flush()
+            s.refresh(user, ["groups", "exit_node"])
+            tx.graph(upsert_peer(peer_node(user)))
+            tx.audit("peer.update", "peer", user.id, user.name, {"exit_node": peer.name}, {"exit_node": None})
         s.delete(peer)
         peer_id = peer.id
         tx.graph(lambda g, _rev: g.remove_peer(peer_id))

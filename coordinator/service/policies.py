@@ -20,14 +20,16 @@ from coordinator.schemas import (
 )
 from coordinator.security import new_id
 from coordinator.service.context import ServiceContext
-from coordinator.service.lookup import group_ids, group_names, page, peer_ids, peer_names
+from coordinator.service.lookup import group_ids, group_names, page, peer_ids, peer_names, route_ids, route_names
 from coordinator.service.tx import Tx, policy_node, utcnow
 from coordinator.store.models import Policy
 
 
 def endpoints_out(session: Session, ends: dict[str, list[str]]) -> Endpoints:
     return Endpoints.model_construct(
-        groups=sorted(group_names(session, ends["groups"])), peers=sorted(peer_names(session, ends["peers"]))
+        groups=sorted(group_names(session, ends["groups"])),
+        peers=sorted(peer_names(session, ends["peers"])),
+        routes=sorted(route_names(session, ends.get("routes", []))),
     )
 
 
@@ -51,10 +53,25 @@ def summary(session: Session, pol: Policy) -> dict[str, Any]:
 
 
 def resolve_endpoints(session: Session, ends: Endpoints, field: str) -> dict[str, list[str]]:
-    return {
+    out = {
         "groups": group_ids(session, ends.groups, f"{field}.groups"),
         "peers": peer_ids(session, ends.peers, f"{field}.peers"),
     }
+    if field == "destinations":
+        out["routes"] = route_ids(session, ends.routes, f"{field}.routes")
+    elif ends.routes:
+        raise Invalid("a route can only be a destination: traffic comes from peers", field=f"{field}.routes")
+    return out
+
+
+def check_routed(endpoints: dict[str, Any], bidirectional: bool) -> None:
+    """Routed traffic is one-way: hosts on a route's LAN cannot open connections into the mesh."""
+    if bidirectional and endpoints["destinations"].get("routes"):
+        raise Invalid(
+            "a policy whose destinations include routes cannot be bidirectional: routed traffic is one-way "
+            "(hosts on the route's LAN cannot open connections into the mesh)",
+            field="bidirectional",
+        )
 
 
 def normalize_ports(ports: list[int | str]) -> list[list[int]]:
@@ -103,6 +120,7 @@ class PolicyService:
                 },
                 created_at=utcnow(),
             )
+            check_routed(pol.endpoints, pol.bidirectional)
             s.add(pol)
             s.flush()
             node = policy_node(pol)
@@ -136,6 +154,7 @@ class PolicyService:
                 ends["sources"] = resolve_endpoints(s, body.sources, "sources")
             if body.destinations is not None:
                 ends["destinations"] = resolve_endpoints(s, body.destinations, "destinations")
+            check_routed(ends, pol.bidirectional)
             pol.endpoints = ends
             s.flush()
             after = summary(s, pol)

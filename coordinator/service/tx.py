@@ -13,8 +13,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
-from coordinator.store.models import AuditEvent, MeshSettings, Peer, Policy
+from coordinator.engine import MeshGraph, PeerNode, PolicyNode, RouteNode, SettingsNode
+from coordinator.store.models import AuditEvent, MeshSettings, Peer, Policy, Route
 
 GraphOp = Callable[[MeshGraph, int], set[str]]  # (graph, new revision) -> peers whose maps may change
 
@@ -74,6 +74,7 @@ def peer_node(peer: Peer) -> PeerNode:
         mesh_ip=peer.mesh_ip,
         approved=peer.approved,
         groups=frozenset(g.id for g in peer.groups),
+        exit_node=peer.exit_node_id or "",
     )
 
 
@@ -90,7 +91,19 @@ def policy_node(pol: Policy) -> PolicyNode:
         src_peers=frozenset(ends["sources"]["peers"]),
         dst_groups=frozenset(ends["destinations"]["groups"]),
         dst_peers=frozenset(ends["destinations"]["peers"]),
+        dst_routes=frozenset(ends["destinations"].get("routes", [])),
     )
+
+
+def route_node(route: Route) -> RouteNode:
+    peers: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    for r in route.routers:
+        if r.peer_id is not None:
+            peers[r.peer_id] = r.metric
+        elif r.group_id is not None:
+            groups[r.group_id] = r.metric
+    return RouteNode(route.id, route.name, route.prefix, route.masquerade, route.enabled, peers, groups)
 
 
 def settings_node(row: MeshSettings) -> SettingsNode:

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -70,7 +71,12 @@ class Peer(Base):
     setup_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     connections: Mapped[list[Any]] = mapped_column(JSON, default=list)
     connections_reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The exit node the administrator chose for this peer (a routing peer of a 0.0.0.0/0 route), if any.
+    exit_node_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("peers.id", ondelete="SET NULL", name="fk_peers_exit_node_id"), nullable=True
+    )
     groups: Mapped[list[Group]] = relationship(secondary="peer_groups", lazy="selectin", order_by="Group.name")
+    exit_node: Mapped[Peer | None] = relationship(remote_side=[id], foreign_keys=[exit_node_id], lazy="select")
 
 
 class Group(Base):
@@ -91,9 +97,44 @@ class Policy(Base):
     bidirectional: Mapped[bool] = mapped_column(Boolean, default=False)
     # ports: list of [start, end] pairs (a single port is [p, p]).
     ports: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    # endpoints: {"sources": {"groups": [ids], "peers": [ids]}, "destinations": {...}}
+    # endpoints: {"sources": {"groups": [ids], "peers": [ids]}, "destinations": {..., "routes": [ids]}}
+    # ("routes" only in destinations, and absent in rows written before routes existed)
     endpoints: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Route(Base):
+    """A network route: an IPv4 prefix reached through routing peers (0.0.0.0/0: an exit node)."""
+
+    __tablename__ = "routes"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    prefix: Mapped[str] = mapped_column(String(18))
+    masquerade: Mapped[bool] = mapped_column(Boolean, default=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    routers: Mapped[list[RouteRouter]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", order_by="RouteRouter.id"
+    )
+
+
+class RouteRouter(Base):
+    """One routing peer of a route: a peer, or every member of a group (exactly one of the two)."""
+
+    __tablename__ = "route_routers"
+    __table_args__ = (
+        CheckConstraint("(peer_id IS NULL) <> (group_id IS NULL)", name="ck_route_routers_peer_or_group"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    route_id: Mapped[str] = mapped_column(String(32), ForeignKey("routes.id", ondelete="CASCADE"), index=True)
+    peer_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("peers.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    group_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("groups.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    metric: Mapped[int] = mapped_column(Integer)
 
 
 class SetupKey(Base):
@@ -173,5 +214,7 @@ __all__ = [
     "Peer",
     "PeerGroup",
     "Policy",
+    "Route",
+    "RouteRouter",
     "SetupKey",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
+from coordinator.engine import MeshGraph, PeerNode, PolicyNode, RouteNode, Rule, SettingsNode
 from coordinator.engine.bits import bit_list, iter_bits
 from coordinator.engine.views import MapRenderer, SentState
 
@@ -29,6 +29,7 @@ def policy(
     bidir: bool = False,
     src_peers: set[str] = frozenset(),
     dst_peers: set[str] = frozenset(),
+    dst_routes: set[str] = frozenset(),
     enabled: bool = True,
 ) -> PolicyNode:
     return PolicyNode(
@@ -42,7 +43,20 @@ def policy(
         frozenset(src_peers),
         frozenset(dst),
         frozenset(dst_peers),
+        frozenset(dst_routes),
     )
+
+
+def route(
+    rid: str,
+    prefix: str,
+    *,
+    peers: dict[str, int] | None = None,
+    groups: dict[str, int] | None = None,
+    enabled: bool = True,
+    masquerade: bool = True,
+) -> RouteNode:
+    return RouteNode(rid, rid + "-name", prefix, masquerade, enabled, dict(peers or {}), dict(groups or {}))
 
 
 def reach_names(g: MeshGraph, pid: str) -> set[str]:
@@ -113,33 +127,138 @@ def test_serial_only_moves_for_changed_maps() -> None:
     assert {pid: g.maps[pid].serial for pid in before} == before
 
 
-def random_graph(rng: random.Random, n_peers: int, n_groups: int, n_policies: int) -> MeshGraph:
+ROUTE_IDS = [f"r{i}" for i in range(4)]
+
+
+def routed_mesh() -> MeshGraph:
+    """dev (p0) may reach the clinic LAN through gw1 (p3, named directly, metric 10) and the gateways group
+    (p3 again at 50, p4 at 100); ci (p2) has nothing; p5 is an unapproved gateway."""
     g = MeshGraph()
-    groups = [f"g{i}" for i in range(n_groups)]
-    pols = [random_policy(rng, f"pol{i}", groups, []) for i in range(n_policies)]
-    peers = [peer(i, set(rng.sample(groups, rng.randint(0, 3))), rng.random() > 0.1) for i in range(n_peers)]
-    g.load(SETTINGS, {x: x for x in groups}, pols, peers, 1)
+    g.load(
+        SETTINGS,
+        {"dev": "dev", "db": "db", "ci": "ci", "gw": "gw"},
+        [policy("dev-lan", {"dev"}, set(), proto="tcp", ports=[(443, 443)], dst_routes={"r1"})],
+        [peer(0, {"dev"}), peer(1, {"db"}), peer(2, {"ci"}), peer(3, {"gw"}), peer(4, {"gw"}), peer(5, {"gw"}, False)],
+        1,
+        [route("r1", "198.18.40.0/24", peers={"p3": 10}, groups={"gw": 100}, masquerade=False)],
+    )
+    g.recompute(g.upsert_route(route("r1", "198.18.40.0/24", peers={"p3": 60}, groups={"gw": 100})), 2)
+    g.recompute(g.upsert_route(route("r1", "198.18.40.0/24", peers={"p3": 10}, groups={"gw": 50})), 3)
     return g
 
 
-def random_policy(rng: random.Random, pid: str, groups: list[str], peer_ids: list[str]) -> PolicyNode:
+def test_route_entries_forward_entries_and_rules() -> None:
+    g = routed_mesh()
+    client, gw1, gw2 = g.maps["p0"], g.maps["p3"], g.maps["p4"]
+    assert [(r.id, r.prefix, [(x.peer_id, x.metric) for x in r.routers]) for r in client.routes] == [
+        ("r1", "198.18.40.0/24", [("p3", 10), ("p4", 50)])  # p3: the smaller of its two metrics; p5 unapproved
+    ]
+    assert reach_names(g, "p0") == {"peer3", "peer4"} and client.forward == ()
+    assert client.rules == (Rule("dev-lan", "route", "tcp", ((443, 443),), "", route_id="r1", prefix="198.18.40.0/24"),)
+    for gw in (gw1, gw2):
+        assert [(f.route_id, f.prefix, f.masquerade) for f in gw.forward] == [("r1", "198.18.40.0/24", True)]
+        assert gw.routes == () and gw.rules == (
+            Rule("dev-lan", "forward", "tcp", ((443, 443),), "dev-lan:src", route_id="r1", prefix="198.18.40.0/24"),
+        )
+        assert gw.sets == {"dev-lan:src": 1 << g.peers["p0"].slot}
+    assert reach_names(g, "p3") == reach_names(g, "p4") == {"peer0"}
+    for unrelated in ("p1", "p2", "p5"):  # no policy; ci; the unapproved gateway gets nothing
+        assert g.maps[unrelated].routes == g.maps[unrelated].forward == () and g.maps[unrelated].reach == 0
+
+
+def test_route_changes_reach_exactly_the_affected_maps() -> None:
+    g = routed_mesh()
+    serials = {pid: st.serial for pid, st in g.maps.items()}
+    # disabling the route: client and routers change, nobody else
+    changed = g.recompute(g.upsert_route(route("r1", "198.18.40.0/24", peers={"p3": 10}, enabled=False)), 4)
+    assert changed == {"p0", "p3", "p4"}
+    assert g.maps["p0"].routes == () and g.maps["p3"].forward == () and g.maps["p0"].reach == 0
+    assert {pid: st.serial for pid, st in g.maps.items() if pid not in changed} == {
+        pid: s for pid, s in serials.items() if pid not in changed
+    }
+    # enabled again, p3 only: p4 leaves the routers
+    assert g.recompute(g.upsert_route(route("r1", "198.18.40.0/24", peers={"p3": 10})), 5) == {"p0", "p3"}
+    # approving p5, in a group the route no longer names: no map changes (its own stays empty)
+    assert g.recompute(g.upsert_peer(peer(5, {"gw"}), 6), 6) == set()
+    # a router that also uses the route: not through itself
+    g.recompute(g.upsert_policy(policy("gw-lan", {"gw"}, set(), dst_routes={"r1"})), 7)
+    assert [x.peer_id for x in g.maps["p4"].routes[0].routers] == ["p3"]
+    assert g.maps["p3"].routes[0].routers == ()
+    # removing the route: the policy stays but routes nothing
+    assert g.recompute(g.remove_route("r1"), 8) == {"p0", "p3", "p4", "p5"}
+    assert all(st.routes == st.forward == () for st in g.maps.values())
+
+
+def test_exit_node_is_in_the_own_map_only() -> None:
+    g = routed_mesh()
+    renderer = MapRenderer(g)
+    sent = {pid: SentState() for pid in ("p0", "p3")}
+    for pid, st in sent.items():
+        renderer.full(pid, [], st)
+    node = peer(0, {"dev"})
+    node.exit_node = "p3"
+    g.recompute(g.upsert_peer(node, 4), 4)
+    assert g.take_touched() == {"p0"}
+    delta = json.loads(renderer.delta("p0", [], sent["p0"]) or "{}")
+    assert delta["peer"]["exit_node"] == "p3" and "routes" not in delta and "peers_upsert" not in delta
+    assert renderer.delta("p3", [], sent["p3"]) is None
+    assert json.loads(renderer.full("p0", []))["peer"]["exit_node"] == "p3"
+
+
+def random_graph(
+    rng: random.Random, n_peers: int, n_groups: int, n_policies: int, *, with_routes: bool = True
+) -> MeshGraph:
+    g = MeshGraph()
+    groups = [f"g{i}" for i in range(n_groups)]
+    peers = [peer(i, set(rng.sample(groups, rng.randint(0, 3))), rng.random() > 0.1) for i in range(n_peers)]
+    ids = [p.id for p in peers]
+    routes = [random_route(rng, rid, groups, ids) for rid in ROUTE_IDS[:3]] if with_routes else []
+    pols = [random_policy(rng, f"pol{i}", groups, [], with_routes=with_routes) for i in range(n_policies)]
+    g.load(SETTINGS, {x: x for x in groups}, pols, peers, 1, routes)
+    return g
+
+
+def random_policy(
+    rng: random.Random, pid: str, groups: list[str], peer_ids: list[str], *, with_routes: bool = True
+) -> PolicyNode:
     direct = peer_ids and rng.random() < 0.3
+    routed = with_routes and rng.random() < 0.4
+    only_routes = routed and rng.random() < 0.5
     return policy(
         pid,
         set(rng.sample(groups, rng.randint(1, 2))),
-        set(rng.sample(groups, rng.randint(0 if direct else 1, 2))),
+        set() if only_routes else set(rng.sample(groups, rng.randint(0 if direct else 1, 2))),
         proto=rng.choice(["any", "tcp", "udp"]),
-        bidir=rng.random() < 0.3,
-        dst_peers={rng.choice(peer_ids)} if direct else frozenset(),
+        bidir=rng.random() < 0.3 and not routed,
+        dst_peers={rng.choice(peer_ids)} if direct and not only_routes else frozenset(),
+        dst_routes=set(rng.sample(ROUTE_IDS, rng.randint(1, 2))) if routed else frozenset(),
         enabled=rng.random() > 0.1,
     )
 
 
+def random_route(rng: random.Random, rid: str, groups: list[str], peer_ids: list[str]) -> RouteNode:
+    """A route with direct routing peers and/or router groups (metrics overlap, so ties are broken by id)."""
+    direct = rng.sample(peer_ids, min(len(peer_ids), rng.randint(0, 2)))
+    via = rng.sample(groups, rng.randint(0 if direct else 1, 2))
+    return route(
+        rid,
+        rng.choice(["198.18.40.0/24", "198.18.41.0/24", "0.0.0.0/0"]),
+        peers={p: rng.choice([10, 20, 9999]) for p in direct},
+        groups={x: rng.choice([10, 20, 9999]) for x in via},
+        enabled=rng.random() > 0.15,
+        masquerade=rng.random() > 0.3,
+    )
+
+
+def copy_route(r: RouteNode) -> RouteNode:
+    return RouteNode(r.id, r.name, r.prefix, r.masquerade, r.enabled, dict(r.peers), dict(r.groups))
+
+
 def snapshot(g: MeshGraph) -> dict[str, Any]:
-    return {pid: (st.reach, st.rules, st.sets) for pid, st in g.maps.items()}
+    return {pid: (st.reach, st.rules, st.sets, st.routes, st.forward) for pid, st in g.maps.items()}
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_incremental_updates_equal_full_recompute(seed: int) -> None:
     """Random mutation sequences: after each, the incremental maps equal a from-scratch computation,
     and every map whose content changed got a new serial."""
@@ -151,7 +270,7 @@ def test_incremental_updates_equal_full_recompute(seed: int) -> None:
         rev = step + 2
         before = snapshot(g)
         serials = {pid: st.serial for pid, st in g.maps.items()}
-        op = rng.choice(["join", "leave", "regroup", "approve", "policy", "unpolicy"])
+        op = rng.choice(["join", "leave", "regroup", "approve", "policy", "unpolicy", "route", "unroute", "exit"])
         ids = list(g.peers)
         if op == "join" or not ids:
             affected = g.upsert_peer(peer(next_peer, set(rng.sample(groups, rng.randint(0, 2)))), rev)
@@ -171,9 +290,19 @@ def test_incremental_updates_equal_full_recompute(seed: int) -> None:
             affected = g.upsert_peer(new, rev)
         elif op == "policy":
             affected = g.upsert_policy(random_policy(rng, f"pol{rng.randint(0, 12)}", groups, ids))
+        elif op == "route":
+            affected = g.upsert_route(random_route(rng, rng.choice(ROUTE_IDS), groups, ids))
+        elif op == "unroute":
+            affected = g.remove_route(rng.choice(ROUTE_IDS))
+        elif op == "exit":
+            node = g.peers[rng.choice(ids)]
+            new = PeerNode(node.id, node.name, node.public_key, node.mesh_ip, node.approved, node.groups)
+            new.exit_node = rng.choice(["", *ids])
+            affected = g.upsert_peer(new, rev)
         else:
             affected = g.remove_policy(f"pol{rng.randint(0, 12)}")
         g.recompute(affected, rev)
+        assert not g.take_touched() - {pid for pid, st in g.maps.items() if st.serial == rev}
         incremental = snapshot(g)
         fresh = MeshGraph()
         fresh.load(
@@ -182,14 +311,15 @@ def test_incremental_updates_equal_full_recompute(seed: int) -> None:
             list(g.policies.values()),
             [PeerNode(n.id, n.name, n.public_key, n.mesh_ip, n.approved, n.groups) for n in g.peers.values()],
             rev,
+            [copy_route(r) for r in g.routes.values()],
         )
 
         # Slots differ between graphs: compare by peer names.
         def named(graph: MeshGraph, snap: dict[str, Any]) -> dict[str, Any]:
             out = {}
-            for pid, (reach, rules, sets) in snap.items():
+            for pid, (reach, rules, sets, routes, forward) in snap.items():
                 names = lambda m: frozenset(graph.by_slot[s].name for s in bit_list(m))  # noqa: E731
-                out[pid] = (names(reach), rules, {k: names(v) for k, v in sets.items()})
+                out[pid] = (names(reach), rules, {k: names(v) for k, v in sets.items()}, routes, forward)
             return out
 
         assert named(g, incremental) == named(fresh, snapshot(fresh)), f"seed {seed} step {step} op {op}"
@@ -207,6 +337,9 @@ def apply_message(state: dict[str, Any] | None, msg: dict[str, Any]) -> dict[str
             "rules": msg["firewall"]["rules"],
             "sets": msg["firewall"]["sets"],
             "relays": msg["relays"],
+            "routes": msg["routes"],
+            "forward": msg.get("forward", []),
+            "peer": msg["peer"],
         }
     assert state is not None and msg["base_serial"] == state["serial"]
     state = json.loads(json.dumps(state))
@@ -219,8 +352,9 @@ def apply_message(state: dict[str, Any] | None, msg: dict[str, Any]) -> dict[str
     for name in msg.get("sets_remove", []):
         state["sets"].pop(name)
     state["sets"].update(msg.get("sets_replace", {}))
-    if "relays" in msg:
-        state["relays"] = msg["relays"]
+    for part in ("relays", "routes", "forward", "peer"):
+        if part in msg:
+            state[part] = msg[part]
     state["serial"] = msg["serial"]
     return state
 
@@ -236,10 +370,19 @@ def test_deltas_rebuild_the_full_map(seed: int) -> None:
     clients = {pid: apply_message(None, json.loads(renderer.full(pid, [], sent))) for pid, sent in watchers.items()}
     for step in range(40):
         rev = step + 2
-        op = rng.choice(["join", "regroup", "rename", "policy"])
+        op = rng.choice(["join", "regroup", "rename", "policy", "route", "unroute", "exit"])
         ids = list(g.peers)
         if op == "join":
             affected = g.upsert_peer(peer(100 + step, set(rng.sample(groups, 2))), rev)
+        elif op == "route":
+            affected = g.upsert_route(random_route(rng, rng.choice(ROUTE_IDS), groups, ids))
+        elif op == "unroute":
+            affected = g.remove_route(rng.choice(ROUTE_IDS))
+        elif op == "exit":
+            node = g.peers[rng.choice(list(watchers))]
+            new = PeerNode(node.id, node.name, node.public_key, node.mesh_ip, node.approved, node.groups)
+            new.exit_node = rng.choice(["", *ids])
+            affected = g.upsert_peer(new, rev)
         elif op == "regroup":
             node = g.peers[rng.choice(ids)]
             affected = g.upsert_peer(

@@ -19,7 +19,7 @@ import pytest
 
 from agent.firewall import FirewallError, compile_firewall
 from agent.netmap import NetworkMap
-from coordinator.engine import MeshGraph, PeerNode, PolicyNode, SettingsNode
+from coordinator.engine import MeshGraph, PeerNode, PolicyNode, RouteNode, SettingsNode
 from coordinator.engine.views import MapRenderer, SentState
 from coordinator.turn import relay_credentials
 from starling_proto.netmap import (
@@ -43,18 +43,34 @@ def peer(i: int, groups: set[str], approved: bool = True, salt: int = 0) -> Peer
     return PeerNode(f"p{i}", f"peer{i}", key(i, salt), f"100.64.0.{i + 1}", approved, frozenset(groups))
 
 
-def policy(pid: str, src: set[str], dst: set[str], proto: str = "any", ports: tuple[Any, ...] = ()) -> PolicyNode:
-    return PolicyNode(pid, pid, True, proto, ports, False, frozenset(src), frozenset(), frozenset(dst), frozenset())
+def policy(
+    pid: str,
+    src: set[str],
+    dst: set[str],
+    proto: str = "any",
+    ports: tuple[Any, ...] = (),
+    routes: frozenset[str] = frozenset(),
+) -> PolicyNode:
+    return PolicyNode(
+        pid, pid, True, proto, ports, False, frozenset(src), frozenset(), frozenset(dst), frozenset(), routes
+    )
 
 
 def golden_mesh() -> MeshGraph:
+    """dev -> db (tcp), ci -> db (any), and dev -> the route `lan` (198.18.40.0/24, tcp/443) through peer1
+    (named, metric 10) and the ci group (peer2, metric 20): peer1's map forwards for dev."""
     g = MeshGraph()
     g.load(
         SETTINGS,
         {"dev": "dev", "db": "db", "ci": "ci"},
-        [policy("dev-db", {"dev"}, {"db"}, "tcp", ((5432, 5432), (8000, 8100))), policy("ci-all", {"ci"}, {"db"})],
+        [
+            policy("dev-db", {"dev"}, {"db"}, "tcp", ((5432, 5432), (8000, 8100))),
+            policy("ci-all", {"ci"}, {"db"}),
+            policy("dev-lan", {"dev"}, set(), "tcp", ((443, 443),), frozenset({"r1"})),
+        ],
         [peer(0, {"dev"}), peer(1, {"db"}), peer(2, {"ci"}), peer(3, {"dev"}, approved=False)],
         1,
+        [RouteNode("r1", "lan", "198.18.40.0/24", True, True, {"p1": 10}, {"ci": 20})],
     )
     return g
 
@@ -173,8 +189,10 @@ def test_the_firewall_compiles_from_the_typed_section() -> None:
     m = NetworkMap()
     m.apply(parse_map_message(json.loads(full)))
     section = m.firewall()
-    model = compile_firewall(section, "wt0")
-    assert model == compile_firewall(json.loads(full)["firewall"], "wt0")  # the wire form compiles the same
+    model = compile_firewall(section, "wt0", m.forward)
+    wire = json.loads(full)
+    assert model == compile_firewall(wire["firewall"], "wt0", wire["forward"])  # the wire form compiles the same
+    assert model.rules_fwd and m.forward  # the golden map's routing peer forwards for dev
     assert model.rule_count == len({(r.direction, r.protocol, r.ports, r.peer_set) for r in section.rules})
     orphan = NetworkMap(serial=1, me=m.me, rules=section.rules, sets={})  # a delta removed the rules' sets
     with pytest.raises(FirewallError, match="unknown peer_set"):
