@@ -69,6 +69,31 @@ class AgentCollector(Collector):
         serial = GaugeMetricFamily("starling_agent_map_serial", "Serial of the network map in use")
         serial.add_metric([], st["map_serial"])
         yield serial
+        yield from _routing_metrics(st)
+
+
+def _routing_metrics(st: AgentStatus) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    routing = st["routing"]
+    active = GaugeMetricFamily(
+        "starling_agent_route_active_router",
+        "1 for the routing peer that carries each route now (route prefixes installed here)",
+        labels=["route", "prefix", "router"],
+    )
+    up = GaugeMetricFamily(
+        "starling_agent_route_router_up", "1 when a routing peer of a route is up", labels=["route", "router"]
+    )
+    for route in routing["routes"]:
+        if route["installed"] and route["active_router"]:
+            active.add_metric([route["name"], route["prefix"], route["active_router"]], 1)
+        for router in route["routers"]:
+            up.add_metric([route["name"], router["name"]], 1 if router["up"] else 0)
+    failovers = CounterMetricFamily(
+        "starling_agent_route_changes", "Times a route moved to another routing peer (failover or fail-back)"
+    )
+    failovers.add_metric([], routing["failovers"])
+    forwarding = GaugeMetricFamily("starling_agent_forwarding", "1 when this peer forwards routed traffic")
+    forwarding.add_metric([], 1 if routing["forwarding"] else 0)
+    yield from (active, up, failovers, forwarding)
 
 
 def serve_metrics(listen: str, status: Callable[[], AgentStatus]) -> CollectorRegistry:
