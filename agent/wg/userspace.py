@@ -34,9 +34,7 @@ class UserspaceBackend(WireGuardBackend):
     def up(self, private_key: str, listen_port: int) -> None:
         if not self._socket_ready():
             self._spawn()
-        self.uapi.set(
-            [f"private_key={key_to_hex(private_key)}", f"listen_port={int(listen_port)}", f"fwmark={FWMARK}"]
-        )
+        self.uapi.set([f"private_key={key_to_hex(private_key)}", f"listen_port={int(listen_port)}", f"fwmark={FWMARK}"])
         netlink.set_up(self.interface, mtu=1280)
 
     def _spawn(self) -> None:
