@@ -446,22 +446,60 @@ def _rule_text(rule: dict[str, Any], policy_names: dict[str, str]) -> str:
     return f"{what} ({policy_names.get(pid, pid)})"
 
 
-def reachability(coord: Coordinator, peer_id: str, policy_names: dict[str, str]) -> list[Reach]:
-    """Who the peer may reach and be reached by, from its rendered map (relay secrets are dropped)."""
+@dataclass(slots=True)
+class RouteReach:
+    name: str
+    prefix: str
+    routers: list[str]  # "gw1 (metric 10)", best first
+    allowed: list[str]  # "tcp 443 (policy)"
+
+
+def reachability(
+    coord: Coordinator, peer_id: str, policy_names: dict[str, str]
+) -> tuple[list[Reach], list[RouteReach], list[RouteReach]]:
+    """Who the peer may reach and be reached by, the routes it may use, and the routes it forwards
+    (with who may use them), from its rendered map (relay secrets are dropped)."""
     doc = json.loads(coord.render_full(peer_id))
     by_ip: dict[str, Reach] = {}
+    names: dict[str, str] = {}
     for p in doc.get("peers", []):
         by_ip[p["mesh_ip"]] = Reach(p["name"], p["id"], p["mesh_ip"], [], [])
+        names[p["id"]] = p["name"]
     firewall = doc.get("firewall", {})
     sets: dict[str, list[str]] = firewall.get("sets", {})
+    uses = {
+        r["id"]: RouteReach(
+            r["name"],
+            r["prefix"],
+            [
+                f"{names.get(x['peer_id'], x['peer_id'])} (metric {x['metric']})"
+                for x in sorted(r["routers"], key=lambda x: x["metric"])
+            ],
+            [],
+        )
+        for r in doc.get("routes", [])
+    }
+    forwards = {f["route_id"]: RouteReach(f["name"], f["prefix"], [], []) for f in doc.get("forward", [])}
     for rule in firewall.get("rules", []):
         text = _rule_text(rule, policy_names)
+        direction = rule.get("direction")
+        if direction == "route" and rule.get("route_id") in uses:
+            uses[rule["route_id"]].allowed.append(text)
+            continue
         for ip in sets.get(rule.get("peer_set", ""), []):
+            if direction == "forward" and rule.get("route_id") in forwards:
+                who = by_ip[ip].name if ip in by_ip else ip
+                forwards[rule["route_id"]].allowed.append(f"{who}: {text}")
+                continue
             entry = by_ip.get(ip)
             if entry is None:
                 continue
-            (entry.outbound if rule.get("direction") == "out" else entry.inbound).append(text)
-    return sorted(by_ip.values(), key=lambda r: r.name)
+            (entry.outbound if direction == "out" else entry.inbound).append(text)
+    return (
+        sorted(by_ip.values(), key=lambda r: r.name),
+        sorted(uses.values(), key=lambda r: r.prefix),
+        sorted(forwards.values(), key=lambda r: r.prefix),
+    )
 
 
 def peer_choices(coord: Coordinator) -> list[tuple[str, str, str]]:

@@ -1,4 +1,5 @@
-"""Groups & policies, and who a chosen peer can reach (from its rendered map)."""
+"""Groups, policies and routes, and who a chosen peer can reach (from its rendered map): peers, the routes
+it may use, and the routes it forwards for others."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ async def access(request: Request, auth: Auth) -> Response:
         c = auth.coord
         groups = c.groups.find(name=None, cursor=None, limit=1000).items
         policies = c.policies.find(name=None, cursor=None, limit=1000).items
+        routes = c.routes.find(name=None, cursor=None, limit=1000).items
         choices = data.peer_choices(c)
         reach: list[data.Reach] | None = None
+        uses: list[data.RouteReach] = []
+        forwards: list[data.RouteReach] = []
         peer_name = ""
         peer_groups: list[str] = []
         applies: list[str] = []
@@ -39,7 +43,7 @@ async def access(request: Request, auth: Auth) -> Response:
                 peer_groups = sorted(group_names.get(g, g) for g in node.groups)
             if peer_name:
                 try:
-                    reach = data.reachability(c, chosen, {p.id: p.name for p in policies})
+                    reach, uses, forwards = data.reachability(c, chosen, {p.id: p.name for p in policies})
                 except KeyError:  # removed a moment ago
                     peer_name = ""
                 mine = set(peer_groups)
@@ -52,8 +56,11 @@ async def access(request: Request, auth: Auth) -> Response:
         return {
             "groups": groups,
             "policies": policies,
+            "routes": routes,
             "choices": choices,
             "reach": reach,
+            "uses": uses,
+            "forwards": forwards,
             "peer_name": peer_name,
             "peer_groups": peer_groups,
             "applies": applies,
@@ -65,7 +72,7 @@ async def access(request: Request, auth: Auth) -> Response:
     return auth.dash.render(
         request,
         "access.html",
-        {"title": "Groups & policies", "nav": "access", "chosen": chosen or "", **ctx},
+        {"title": "Groups, routes & policies", "nav": "access", "chosen": chosen or "", **ctx},
         session=auth.session,
         started=auth.started,
     )

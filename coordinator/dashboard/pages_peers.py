@@ -98,20 +98,20 @@ async def peer(request: Request, auth: Auth, peer_id: str) -> Response:
     await auth.dash.feed.ensure_started(auth.coord)
     since = time.time()
 
-    def load() -> tuple[Any, list[data.Conn], list[data.Reach]]:
+    def load() -> tuple[Any, list[data.Conn], list[data.Reach], list[data.RouteReach], list[data.RouteReach]]:
         out = auth.coord.peers.get(peer_id)
         names = data.peer_names(auth.coord)
         conns = [data.conn_from(c.model_dump(mode="json"), names) for c in out.connections]
         conns.sort(key=lambda c: (data.PATH_RANK.get(c.path, 9), c.peer_name))
         policies = {p.id: p.name for p in auth.coord.policies.find(name=None, cursor=None, limit=1000).items}
         try:
-            reach = data.reachability(auth.coord, peer_id, policies)
+            reach, uses, forwards = data.reachability(auth.coord, peer_id, policies)
         except KeyError:
-            reach = []
-        return out, conns, reach
+            reach, uses, forwards = [], [], []
+        return out, conns, reach, uses, forwards
 
     try:
-        out, conns, reach = await call(load)
+        out, conns, reach, uses, forwards = await call(load)
     except NotFound:
         return auth.dash.error_page(auth, 404, "No such peer (it may have been removed).")
     return auth.dash.render(
@@ -123,6 +123,8 @@ async def peer(request: Request, auth: Auth, peer_id: str) -> Response:
             "peer": out,
             "conns": conns,
             "reach": reach,
+            "uses": uses,
+            "forwards": forwards,
             "summary": data.path_summary([c.model_dump() for c in out.connections]),
         },
         session=auth.session,

@@ -7,6 +7,7 @@ tests/output/screenshots/.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from pathlib import Path
@@ -228,6 +229,48 @@ def test_access_page_shows_who_can_reach_whom(page: Page, mesh: MiniMesh) -> Non
     page.get_by_label("Peer").select_option(mesh.id("ci"))
     page.get_by_role("button", name="Show").click()
     expect(page.locator("#reach-none")).to_be_visible()
+
+
+def test_access_page_shows_routes_who_uses_them_and_who_forwards(page: Page, mesh: MiniMesh) -> None:
+    api = mesh.api
+    route = uniq("lan")
+    prefix = f"198.19.{random.randint(0, 255)}.0/24"
+    r = api.post(
+        "/api/v1/routes", json={"name": route, "prefix": prefix, "routers": [{"peer": mesh.name("ci"), "metric": 10}]}
+    )
+    assert r.status_code == 201, r.text
+    policy = uniq("dev-lan")
+    body = {
+        "name": policy,
+        "protocol": "tcp",
+        "ports": ["443"],
+        "sources": {"groups": [mesh.groups["dev"]]},
+        "destinations": {"routes": [route]},
+    }
+    assert api.post("/api/v1/policies", json=body).status_code == 201
+    try:
+        login(page, mesh.coord.admin_token, start="/dashboard/access")
+        expect(page.locator("#routes-table")).to_contain_text(prefix)
+        expect(page.locator("#policies-table").locator("tr", has_text=policy)).to_contain_text(f"route {route}")
+        page.get_by_label("Peer").select_option(mesh.id("dev"))
+        page.get_by_role("button", name="Show").click()
+        uses = page.locator("#uses-table").locator("tr", has_text=route)
+        expect(uses).to_contain_text(prefix)
+        expect(uses).to_contain_text(f"{mesh.name('ci')} (metric 10)")
+        expect(uses).to_contain_text("tcp 443")
+        page.get_by_label("Peer").select_option(mesh.id("ci"))
+        page.get_by_role("button", name="Show").click()
+        expect(page.locator("#forwards-table").locator("tr", has_text=route)).to_contain_text(
+            f"{mesh.name('dev')}: tcp 443"
+        )
+        page.get_by_label("Peer").select_option(mesh.id("db"))
+        page.get_by_role("button", name="Show").click()
+        expect(page.locator("#uses-table")).to_have_count(0)
+    finally:
+        pid = api.get("/api/v1/policies", params={"name": policy}).json()["items"][0]["id"]
+        api.delete(f"/api/v1/policies/{pid}")
+        rid = api.get("/api/v1/routes", params={"name": route}).json()["items"][0]["id"]
+        api.delete(f"/api/v1/routes/{rid}")
 
 
 # ----- setup keys, read-only, audit -------------------------------------------------------------------
