@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coordinator.engine.bits import bit_list
-from coordinator.engine.graph import Forwards, MeshGraph, PeerNode, Routes, Rule
+from coordinator.engine.graph import MeshGraph
+from coordinator.engine.nodes import Forwards, PeerNode, Routes, Rule
 from starling_proto.netmap import (
     DnsConfig,
     MapDelta,
