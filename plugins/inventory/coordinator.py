@@ -18,6 +18,10 @@ description:
     C(starling_public_key), C(starling_groups) (coordinator group names), C(starling_os), C(starling_version)
     (agent version), C(starling_approved), C(starling_online), C(starling_last_seen) and C(starling_paths), the
     number of the peer's tunnels per path type (C(direct), C(relayed), C(connecting), C(idle), C(lost)), types with none left out.
+  - C(starling_routes) lists the routes the peer is a routing peer of (named, or through one of its groups), each
+    C({name, prefix, metric, masquerade, enabled, exit_node}) sorted by name (the lowest metric when it is named
+    more than once); C(starling_exit_node) is the peer it sends its internet traffic through (a peer name), or null.
+    The routes are read once per inventory run (one C(/routes) listing, not one per host).
   - Strings that come from the coordinator (names, OS, versions...) are data, never templates
     (with ansible-core 2.19 they are untrusted; on older versions they are marked unsafe).
 author:
@@ -82,9 +86,9 @@ options:
     type: int
     default: 1000
 notes:
-  - With caching on, the raw API answer is cached under one key per source, built from the file path,
-    O(url), the filters and a hash of O(token). O(compose), O(groups) and O(keyed_groups) are applied again
-    on every run, from the cached data.
+  - With caching on, the raw API answers (peers and routes) are cached under one key per source, built from the
+    file path, O(url), the filters and a hash of O(token). O(compose), O(groups) and O(keyed_groups) are applied
+    again on every run, from the cached data.
 """
 
 EXAMPLES = r"""
@@ -117,6 +121,7 @@ from ansible.errors import AnsibleError, AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorClient, CoordinatorError
+from ansible_collections.starling.mesh.plugins.module_utils._route import index_routes, routes_of_peer
 
 try:  # ansible-core >= 2.19: data is untrusted for templating unless explicitly trusted; nothing to do
     from ansible.template import trust_as_template  # noqa: F401  pylint: disable=unused-import
@@ -147,8 +152,9 @@ def path_summary(connections):
     return counts
 
 
-def host_vars(peer):
-    """The starling_ host variables of one peer (plain data from the API)."""
+def host_vars(peer, routes=None):
+    """The starling_ host variables of one peer (plain data from the API); ``routes`` is ``index_routes`` of the
+    /routes listing."""
     return {
         "starling_id": peer.get("id"),
         "starling_dns_name": peer.get("dns_name"),
@@ -161,6 +167,8 @@ def host_vars(peer):
         "starling_online": bool(peer.get("connected")),
         "starling_last_seen": peer.get("last_seen"),
         "starling_paths": path_summary(peer.get("connections")),
+        "starling_routes": routes_of_peer(peer, routes or index_routes([])),
+        "starling_exit_node": peer.get("exit_node"),
     }
 
 
@@ -191,7 +199,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         )
         return "%s_%s" % (self.get_cache_key(path), hashlib.sha256(source.encode("utf-8")).hexdigest()[:16])
 
-    def fetch_peers(self):
+    def fetch(self):
+        """The raw API answers: ``{"peers": [...], "routes": [...]}`` (one listing each, paged)."""
         try:
             client = CoordinatorClient(
                 self.get_option("url"),
@@ -201,7 +210,14 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             )
             params = {"group": self.get_option("filter_group"), "connected": self.get_option("filter_connected")}
             limit = max(1, min(1000, int(self.get_option("page_size"))))
-            return client.list_all("/peers", params, limit=limit)
+            peers = client.list_all("/peers", params, limit=limit)
+            try:
+                routes = client.list_all("/routes", limit=limit)
+            except CoordinatorError as exc:
+                if exc.status != 404:
+                    raise
+                routes = []  # a coordinator without routes
+            return {"peers": peers, "routes": routes}
         except CoordinatorError as exc:
             raise AnsibleError("starling.mesh.coordinator: %s" % exc.msg)
 
@@ -216,19 +232,22 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         cache_key = self._cache_key(path)
         use_cache = self.get_option("cache") and cache
         update_cache = self.get_option("cache") and not cache
-        peers = None
+        data = None
         if use_cache:
             try:
-                peers = self._cache[cache_key]
+                data = self._cache[cache_key]
             except KeyError:
                 update_cache = True
-        if peers is None:
-            peers = self.fetch_peers()
+            if data is not None and not (isinstance(data, dict) and "peers" in data and "routes" in data):
+                data = None  # written by an older version of this plugin (peers only): refresh
+                update_cache = True
+        if data is None:
+            data = self.fetch()
         if update_cache:
-            self._cache[cache_key] = peers
-        self.populate(peers)
+            self._cache[cache_key] = data
+        self.populate(data["peers"], data["routes"])
 
-    def populate(self, peers):
+    def populate(self, peers, routes=()):
         inventory = self.inventory
         # ansible-core 2.19 hands plugins a proxy whose set_variable deep-copies each value and tags it with its
         # origin (about 80 us per variable: most of the plugin's time for 10k peers). The values here are fresh,
@@ -243,6 +262,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         use_dns = self.get_option("hostname") == "dns_name"
         host_source = self.get_option("ansible_host")
         prefix = self.get_option("group_prefix") or ""
+        route_index = index_routes(routes)
         online = inventory.add_group("starling_online")
         offline = inventory.add_group("starling_offline")
         made = {}
@@ -251,7 +271,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             if not name:
                 continue
             host = inventory.add_host(name)
-            hvars = host_vars(peer)
+            hvars = host_vars(peer, route_index)
             if host_source != "none":
                 value = peer.get(host_source)
                 if value:

@@ -202,9 +202,9 @@ class CoordinatorClient(object):
         return items
 
     def find_by_name(self, collection, name):
-        """The object named ``name`` in ``/groups``, ``/policies``, ``/peers`` (server-side filter),
+        """The object named ``name`` in ``/groups``, ``/policies``, ``/peers``, ``/routes`` (server-side filter),
         ``/setup-keys`` or ``/tokens`` (listed and filtered here); None when absent."""
-        if collection in ("/groups", "/policies", "/peers"):
+        if collection in ("/groups", "/policies", "/peers", "/routes"):
             items = self.get(collection, {"name": name, "limit": 10})["items"]
         else:
             items = self.list_all(collection)
@@ -230,6 +230,15 @@ class CoordinatorClient(object):
         if len(names) <= 20:
             return [n for n in names if self.find_by_name("/groups", n) is None]
         known = set(g["name"] for g in self.list_all("/groups"))
+        return [n for n in names if n not in known]
+
+    def missing_routes(self, names):
+        names = sorted(set(names))
+        if not names:
+            return []
+        if len(names) <= 20:
+            return [n for n in names if self.find_by_name("/routes", n) is None]
+        known = set(r["name"] for r in self.list_all("/routes"))
         return [n for n in names if n not in known]
 
     @staticmethod

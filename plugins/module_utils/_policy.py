@@ -6,11 +6,12 @@ reachability a policy set opens, the difference between two sets, and reachabili
 
 Pure functions over plain dicts: the policy and policy_set modules and the unit tests use them.
 
-Reachability is computed on the endpoints that policies name (groups, and peers written
-``peer:NAME``): a pair ``(from, to)`` holds the traffic that some enabled policy opens from
-``from`` to ``to`` (both ways for bidirectional policies), as port intervals per protocol:
-``tcp`` and ``udp`` carry ports 1-65535, ``icmp`` and ``other`` (every other IP protocol, opened
-only by ``any``) are all-or-nothing and use the single interval (1, 65535).
+Reachability is computed on the endpoints that policies name (groups, peers written
+``peer:NAME``, and routes, destinations only, written ``route:NAME`` with their prefix): a pair
+``(from, to)`` holds the traffic that some enabled policy opens from ``from`` to ``to`` (both ways
+for bidirectional policies), as port intervals per protocol: ``tcp`` and ``udp`` carry ports
+1-65535, ``icmp`` and ``other`` (every other IP protocol, opened only by ``any``) are all-or-nothing
+and use the single interval (1, 65535).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 PEER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PORT_RE = re.compile(r"^\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?$")
 PEER_PREFIX = "peer:"
+ROUTE_PREFIX = "route:"
 
 
 class PolicyDataError(ValueError):
@@ -64,12 +66,16 @@ def normalize_ports(ports):
 
 
 # ----- policies -----------------------------------------------------------------------------------
-def normalize_endpoints(ends):
+def normalize_endpoints(ends, routes=False):
+    """Sorted, de-duplicated names; destinations (``routes=True``) also carry ``routes``."""
     ends = ends or {}
-    return {
+    out = {
         "groups": sorted(set(ends.get("groups") or [])),
         "peers": sorted(set(ends.get("peers") or [])),
     }
+    if routes:
+        out["routes"] = sorted(set(ends.get("routes") or []))
+    return out
 
 
 def normalize_policy(data, where="policy"):
@@ -111,24 +117,36 @@ def normalize_policy(data, where="policy"):
         "bidirectional": _bool(data.get("bidirectional"), False),
     }
     for side in ("sources", "destinations"):
+        dest = side == "destinations"
         ends = data.get(side)
         if not isinstance(ends, dict):
-            errors.append("%s: %s must be a mapping with groups and/or peers" % (where, side))
-            out[side] = {"groups": [], "peers": []}
+            errors.append("%s: %s must be a mapping with groups and/or peers%s" % (where, side, " and/or routes" if dest else ""))
+            out[side] = normalize_endpoints({}, dest)
             continue
-        extra = sorted(set(ends) - set(["groups", "peers"]))
+        if not dest and ends.get("routes"):
+            errors.append("%s: sources.routes: a route can only be a destination (traffic comes from peers)" % where)
+        allowed = ["groups", "peers", "routes"]
+        extra = sorted(set(ends) - set(allowed))
         if extra:
             errors.append("%s: %s has unknown keys %s" % (where, side, ", ".join(extra)))
-        norm = normalize_endpoints(ends)
-        if not norm["groups"] and not norm["peers"]:
-            errors.append("%s: %s must name at least one group or peer" % (where, side))
+        norm = normalize_endpoints(ends, dest)
+        if not norm["groups"] and not norm["peers"] and not norm.get("routes"):
+            errors.append("%s: %s must name at least one group or peer%s" % (where, side, " or route" if dest else ""))
         for group in norm["groups"]:
             if not isinstance(group, str) or not LABEL_RE.match(group):
                 errors.append("%s: %s.groups: %r is not a valid group name" % (where, side, group))
         for peer in norm["peers"]:
             if not isinstance(peer, str) or not PEER_NAME_RE.match(peer):
                 errors.append("%s: %s.peers: %r is not a valid peer name" % (where, side, peer))
+        for route in norm.get("routes", []):
+            if not isinstance(route, str) or not LABEL_RE.match(route):
+                errors.append("%s: %s.routes: %r is not a valid route name" % (where, side, route))
         out[side] = norm
+    if out["bidirectional"] and out["destinations"]["routes"]:
+        errors.append(
+            "%s: a policy whose destinations include routes cannot be bidirectional (routed traffic is one-way: "
+            "hosts on the route's LAN cannot open connections into the mesh)" % where
+        )
     if errors:
         raise PolicyDataError(errors)
     return out
@@ -160,7 +178,7 @@ def comparable_policy(policy):
         "ports": normalize_ports(policy.get("ports") or []),
         "bidirectional": bool(policy.get("bidirectional", False)),
         "sources": normalize_endpoints(policy.get("sources")),
-        "destinations": normalize_endpoints(policy.get("destinations")),
+        "destinations": normalize_endpoints(policy.get("destinations"), routes=True),
     }
 
 
@@ -169,6 +187,11 @@ def policy_refs(policy):
     groups = set(policy["sources"]["groups"]) | set(policy["destinations"]["groups"])
     peers = set(policy["sources"]["peers"]) | set(policy["destinations"]["peers"])
     return groups, peers
+
+
+def route_refs(policy):
+    """Route names a normalized policy names (destinations only)."""
+    return set(policy["destinations"].get("routes") or [])
 
 
 # ----- intervals ----------------------------------------------------------------------------------
@@ -212,19 +235,25 @@ def access_of(policy):
     return {proto: merge(ports)}
 
 
-def endpoint_names(ends):
-    return list(ends["groups"]) + [PEER_PREFIX + p for p in ends["peers"]]
+def route_endpoint(name, prefix):
+    """The reach-map endpoint of a route: its name and prefix (a changed prefix is lost and gained access)."""
+    return "%s%s %s" % (ROUTE_PREFIX, name, prefix or "?")
 
 
-def reach_map(policies):
-    """{(from, to): {atom: [intervals]}} for the enabled policies."""
+def endpoint_names(ends, routes=None):
+    names = list(ends["groups"]) + [PEER_PREFIX + p for p in ends["peers"]]
+    return names + [route_endpoint(r, (routes or {}).get(r)) for r in ends.get("routes") or []]
+
+
+def reach_map(policies, routes=None):
+    """{(from, to): {atom: [intervals]}} for the enabled policies; ``routes`` maps route names to prefixes."""
     pairs = {}
     for pol in policies:
         if not pol.get("enabled", True):
             continue
         acc = access_of(pol)
-        srcs = endpoint_names(pol["sources"])
-        dsts = endpoint_names(pol["destinations"])
+        srcs = endpoint_names(pol["sources"], routes)
+        dsts = endpoint_names(pol["destinations"], routes)
         directions = [(srcs, dsts)]
         if pol.get("bidirectional"):
             directions.append((dsts, srcs))
@@ -238,17 +267,22 @@ def reach_map(policies):
 
 
 def _entries(pair, acc):
-    """Structured entries for one pair's access: one 'any' entry, or one per protocol."""
+    """Structured entries for one pair's access: one 'any' entry, or one per protocol.
+    A route destination is ``to: route:NAME`` with its ``prefix``."""
     f, t = pair
+    extra = {}
+    if t.startswith(ROUTE_PREFIX):
+        name, _sep, prefix = t.partition(" ")
+        t, extra = name, {"prefix": prefix}
     if all(acc.get(atom) == [FULL] for atom in ATOMS):
-        return [{"from": f, "to": t, "protocol": "any", "ports": []}]
+        return [dict({"from": f, "to": t, "protocol": "any", "ports": []}, **extra)]
     out = []
     for atom in ATOMS:
         ivs = acc.get(atom)
         if not ivs:
             continue
         ports = [] if ivs == [FULL] or atom in ("icmp", "other") else [format_port(r) for r in ivs]
-        out.append({"from": f, "to": t, "protocol": atom, "ports": ports})
+        out.append(dict({"from": f, "to": t, "protocol": atom, "ports": ports}, **extra))
     return out
 
 
@@ -277,7 +311,10 @@ def entry_text(entry):
         what = "%s/%s" % (proto, ",".join(entry["ports"]))
     else:
         what = proto
-    return "%s -> %s %s" % (entry["from"], entry["to"], what)
+    to = entry["to"]
+    if "prefix" in entry:
+        to = "%s (route %s)" % (entry["prefix"], to[len(ROUTE_PREFIX):])
+    return "%s -> %s %s" % (entry["from"], to, what)
 
 
 def reach_lines(diff):
@@ -332,7 +369,9 @@ def normalize_expectation(raw, index):
 
 
 def _matches(subject, ends):
-    """Does a policy side ``ends`` cover ``subject`` ({'kind': 'group'|'peer', 'name', 'groups'})?"""
+    """Does a policy side ``ends`` cover ``subject`` ({'kind': 'group'|'peer'|'route', 'name', 'groups'})?"""
+    if subject["kind"] == "route":
+        return subject["name"] in (ends.get("routes") or [])
     if subject["kind"] == "group":
         return subject["name"] in ends["groups"]
     return subject["name"] in ends["peers"] or bool(set(subject["groups"]) & set(ends["groups"]))

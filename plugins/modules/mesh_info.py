@@ -7,10 +7,10 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: mesh_info
-short_description: Read peers, groups, policies and settings of a Starling mesh
+short_description: Read peers, groups, policies, routes and settings of a Starling mesh
 version_added: 0.1.0
 description:
-  - Returns the peers, groups, policies, setup keys (metadata only) and settings of a Starling coordinator.
+  - Returns the peers, groups, policies, routes, setup keys (metadata only) and settings of a Starling coordinator.
   - Read-only; works with an API token of scope C(read).
   - Follows the API's pagination, so all matching objects are returned.
 author:
@@ -30,10 +30,10 @@ options:
     description: What to read.
     type: list
     elements: str
-    choices: [peers, groups, policies, setup_keys, settings]
-    default: [peers, groups, policies, settings]
+    choices: [peers, groups, policies, routes, setup_keys, settings]
+    default: [peers, groups, policies, routes, settings]
   name:
-    description: Only the peers, groups and policies with this exact name.
+    description: Only the peers, groups, policies and routes with this exact name.
     type: str
   group:
     description: Only the peers that are members of this group.
@@ -84,6 +84,11 @@ policies:
   returned: when V(policies) is in O(gather)
   type: list
   elements: dict
+routes:
+  description: Routes (prefix, routing peers with their metrics, masquerade, enabled, exit_node).
+  returned: when V(routes) is in O(gather)
+  type: list
+  elements: dict
 setup_keys:
   description: Setup keys (metadata; the coordinator has no clear keys).
   returned: when V(setup_keys) is in O(gather)
@@ -111,6 +116,8 @@ def run(module):
         result["groups"] = client.list_all("/groups", named)
     if "policies" in gather:
         result["policies"] = client.list_all("/policies", named)
+    if "routes" in gather:
+        result["routes"] = client.list_all("/routes", named)
     if "setup_keys" in gather:
         keys = client.list_all("/setup-keys")
         result["setup_keys"] = [k for k in keys if not p["name"] or k["name"] == p["name"]]
@@ -125,8 +132,8 @@ def main():
             gather=dict(
                 type="list",
                 elements="str",
-                default=["peers", "groups", "policies", "settings"],
-                choices=["peers", "groups", "policies", "setup_keys", "settings"],
+                default=["peers", "groups", "policies", "routes", "settings"],
+                choices=["peers", "groups", "policies", "routes", "setup_keys", "settings"],
             ),
             name=dict(type="str"),
             group=dict(type="str"),

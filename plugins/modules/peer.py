@@ -48,6 +48,12 @@ options:
       - Approve (V(true)) or unapprove (V(false)) the peer. Unapproved peers reach nobody and nobody reaches them.
       - When omitted, approval is left alone.
     type: bool
+  exit_node:
+    description:
+      - Send this peer's internet traffic through that peer (a peer name), which must be a routing peer of a
+        V(0.0.0.0/0) route (see M(starling.mesh.route)); an empty string clears it.
+      - When omitted, the setting is left alone.
+    type: str
   state:
     description: V(present) updates the peer, V(absent) removes it from the mesh (its agent loses access).
     type: str
@@ -71,6 +77,16 @@ EXAMPLES = r"""
     name: ip-10-0-0-7
     new_name: build-1
 
+- name: Send a laptop's internet traffic through the office exit node
+  starling.mesh.peer:
+    name: laptop-7
+    exit_node: office-exit
+
+- name: Stop using an exit node
+  starling.mesh.peer:
+    name: laptop-7
+    exit_node: ""
+
 - name: Remove a decommissioned peer
   starling.mesh.peer:
     name: old-laptop
@@ -91,8 +107,9 @@ peer:
     groups: [web]
     approved: true
     connected: true
+    exit_node: null
 diff:
-  description: Before and after state (name, groups, approved).
+  description: Before and after state (name, groups, approved, exit_node).
   returned: always
   type: dict
 """
@@ -100,7 +117,8 @@ diff:
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorError
 from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, public_view
 
-KEYS = ("name", "groups", "approved")
+KEYS = ("name", "groups", "approved", "exit_node")
+EXIT_PREFIX = "0.0.0.0/0"
 
 
 def diff_view(peer):
@@ -108,6 +126,27 @@ def diff_view(peer):
     if "groups" in view:
         view["groups"] = sorted(view["groups"])
     return view
+
+
+def check_exit_node(module, peer, name):
+    """Fail before any change unless ``name`` is another peer that routes a 0.0.0.0/0 route."""
+    client = module.client
+    if name in (peer["name"], module.params["new_name"]):
+        module.fail_json(msg="peer %r: a peer cannot be its own exit node" % peer["name"])
+    exit_peer = client.find_by_name("/peers", name)
+    if exit_peer is None:
+        module.fail_json(msg="peer %r: exit_node: unknown peer %r" % (peer["name"], name))
+    groups = set(exit_peer.get("groups") or [])
+    for route in client.list_all("/routes"):
+        if route.get("prefix") != EXIT_PREFIX:
+            continue
+        for router in route.get("routers") or []:
+            if router.get("peer") == name or (router.get("group") and router.get("group") in groups):
+                return
+    module.fail_json(
+        msg="peer %r: exit_node: peer %r is not an exit node: make it a routing peer of a %s route first "
+        "(starling.mesh.route)" % (peer["name"], name, EXIT_PREFIX)
+    )
 
 
 def run(module):
@@ -143,6 +182,12 @@ def run(module):
             patch["groups"] = sorted(wanted)
     if p["approved"] is not None and p["approved"] != peer["approved"]:
         patch["approved"] = p["approved"]
+    if p["exit_node"] is not None:
+        wanted_exit = p["exit_node"] or None
+        if wanted_exit != peer.get("exit_node"):
+            if wanted_exit is not None:
+                check_exit_node(module, peer, wanted_exit)
+            patch["exit_node"] = wanted_exit
     if not patch:
         return dict(changed=False, peer=peer, diff=dict(before=before, after=before))
     if module.check_mode:
@@ -160,6 +205,7 @@ def main():
             groups=dict(type="list", elements="str"),
             append=dict(type="bool", default=False),
             approved=dict(type="bool"),
+            exit_node=dict(type="str"),
             state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
     )

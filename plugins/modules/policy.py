@@ -46,7 +46,9 @@ options:
     type: list
     elements: str
   bidirectional:
-    description: Also open the same traffic from destinations to sources. When omitted, an existing policy keeps its value.
+    description:
+      - Also open the same traffic from destinations to sources. When omitted, an existing policy keeps its value.
+      - Not with routes among the destinations (routed traffic is one-way).
     type: bool
   sources:
     description: Who may initiate traffic. Required when the policy is created.
@@ -63,7 +65,7 @@ options:
         elements: str
         default: []
   destinations:
-    description: Who may be reached. Required when the policy is created.
+    description: Who or what may be reached. Required when the policy is created.
     type: dict
     suboptions:
       groups:
@@ -73,6 +75,14 @@ options:
         default: []
       peers:
         description: Peer names.
+        type: list
+        elements: str
+        default: []
+      routes:
+        description:
+          - Route names (see M(starling.mesh.route)). The sources may reach the route's prefix through its routing
+            peers, with this policy's protocol and ports.
+          - A policy with routes among its destinations cannot be O(bidirectional).
         type: list
         elements: str
         default: []
@@ -96,6 +106,16 @@ EXAMPLES = r"""
       groups: [dev]
     destinations:
       groups: [db]
+
+- name: Staff may reach the clinic LAN's web servers through its routing peers
+  starling.mesh.policy:
+    name: staff-to-clinic-web
+    protocol: tcp
+    ports: [443]
+    sources:
+      groups: [staff]
+    destinations:
+      routes: [clinic-lan]
 
 - name: Disable it for a while
   starling.mesh.policy:
@@ -122,7 +142,7 @@ policy:
     ports: ["5432"]
     bidirectional: false
     sources: {groups: [dev], peers: []}
-    destinations: {groups: [db], peers: []}
+    destinations: {groups: [db], peers: [], routes: []}
 diff:
   description: Before and after state of the declared fields.
   returned: always
@@ -137,12 +157,14 @@ from ansible_collections.starling.mesh.plugins.module_utils._policy import (
     comparable_policy,
     normalize_policy,
     policy_refs,
+    route_refs,
 )
 
 ENDPOINT_SPEC = dict(
     groups=dict(type="list", elements="str", default=[]),
     peers=dict(type="list", elements="str", default=[]),
 )
+DESTINATION_SPEC = dict(ENDPOINT_SPEC, routes=dict(type="list", elements="str", default=[]))
 
 
 def wanted_policy(params, current):
@@ -169,6 +191,9 @@ def check_references(module, policy):
     missing = module.client.missing_peers(peers)
     if missing:
         problems.append("unknown peers: %s" % ", ".join(missing))
+    missing = module.client.missing_routes(route_refs(policy))
+    if missing:
+        problems.append("unknown routes: %s" % ", ".join(missing))
     if problems:
         module.fail_json(msg="policy %r: %s" % (policy["name"], "; ".join(problems)))
 
@@ -210,7 +235,7 @@ def main():
             ports=dict(type="list", elements="str"),
             bidirectional=dict(type="bool"),
             sources=dict(type="dict", options=ENDPOINT_SPEC),
-            destinations=dict(type="dict", options=ENDPOINT_SPEC),
+            destinations=dict(type="dict", options=DESTINATION_SPEC),
             state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
     )

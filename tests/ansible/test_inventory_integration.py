@@ -42,6 +42,17 @@ def mesh(coordinator: CoordinatorProcess) -> Iterator[dict[str, Any]]:
         # web-1 reports on web-2 and db-1: they must be in its map (reports about other peers are refused).
         policy = {"name": "inventory-web", "sources": {"groups": ["web"]}, "destinations": {"groups": ["web", "db"]}}
         assert api.post("/api/v1/policies", json=policy).status_code == 201
+        # routes: web-1 routes an office LAN directly (metric 10) and db-1/web-2 through ops-team; db-1 is an exit
+        # node that evil uses
+        office = {
+            "name": "office-lan",
+            "prefix": "198.18.40.0/24",
+            "routers": [{"group": "ops-team", "metric": 100}, {"peer": "web-1", "metric": 10}],
+        }
+        internet = {"name": "internet", "prefix": "0.0.0.0/0", "routers": [{"peer": "db-1"}], "masquerade": True}
+        for route in (office, internet):
+            assert api.post("/api/v1/routes", json=route).status_code == 201, route
+        assert api.patch(f"/api/v1/peers/{peers['evil']['id']}", json={"exit_node": "db-1"}).status_code == 200
     stream = SseReader(coordinator.url + "/api/v1/peer/stream", peers["web-1"]["credential"])
     stream.next(timeout=10)  # first map: web-1 is connected now
     report = {
@@ -124,6 +135,13 @@ def test_list_matches_golden(
     if os.environ.get("STARLING_UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
     assert got == json.loads(GOLDEN.read_text())
+    hostvars = got["_meta"]["hostvars"]
+    assert [(plain(r["name"]), r["metric"]) for r in hostvars["web-2"]["starling_routes"]] == [("office-lan", 100)]
+    assert [(plain(r["name"]), r["exit_node"]) for r in hostvars["db-1"]["starling_routes"]] == [
+        ("internet", True),
+        ("office-lan", False),
+    ]
+    assert plain(hostvars["evil"]["starling_exit_node"]) == "db-1" and hostvars["evil"]["starling_routes"] == []
     # the same with 2 peers per page (pagination followed), DNS names as hostnames, a read-only token
     ro = httpx.post(
         coordinator.url + "/api/v1/tokens",
@@ -196,7 +214,9 @@ def test_cache_on_and_off(
     raw = json.loads(files[0].read_text())
     if isinstance(raw, dict) and "__payload__" in raw:  # ansible-core 2.19 jsonfile envelope
         raw = json.loads(raw["__payload__"])
-    assert isinstance(raw, list) and {p["name"] for p in raw} == set(mesh)  # raw API data is cached
+    # raw API data is cached: peers and routes
+    assert {p["name"] for p in raw["peers"]} == set(mesh)
+    assert {r["name"] for r in raw["routes"]} == {"office-lan", "internet"}
 
     with coordinator.client() as api:
         api.post("/api/v1/groups", json={"name": "late"})

@@ -136,3 +136,55 @@ def test_cache_key_per_source(plugin: Any) -> None:
     c = plugin._cache_key("/x/mesh.coordinator.yml")
     configure(plugin)
     assert len({a, b, c}) == 3 and plugin._cache_key("/x/mesh.coordinator.yml") == a
+
+
+def test_populate_routes_hostvars(plugin: Any) -> None:
+    routes = [
+        {
+            "id": "r1",
+            "name": "clinic-lan",
+            "prefix": "198.18.40.0/24",
+            "exit_node": False,
+            "masquerade": True,
+            "enabled": True,
+            "routers": [
+                {"peer": None, "group": "ops-team", "metric": 20},
+                {"peer": "web-1", "group": None, "metric": 5},
+            ],
+        }
+    ]
+    inv = configure(plugin, keyed_groups=[{"key": "starling_routes | map(attribute='name')", "prefix": "routes"}])
+    plugin.populate([{**PEERS[0], "exit_node": None}, {**PEERS[1], "exit_node": "web-1"}], routes)
+    web = inv.get_host("web-1").vars
+    assert web["starling_routes"] == [
+        {
+            "name": "clinic-lan",
+            "prefix": "198.18.40.0/24",
+            "metric": 5,
+            "masquerade": True,
+            "enabled": True,
+            "exit_node": False,
+        }
+    ]
+    assert web["starling_exit_node"] is None
+    db = inv.get_host("db-1").vars
+    assert db["starling_routes"] == [] and db["starling_exit_node"] == "web-1"
+    assert [h.name for h in inv.groups["routes_clinic_lan"].get_hosts()] == ["web-1"]
+
+
+def test_parse_refreshes_a_cache_of_the_older_format(plugin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(plugin, cache=True)
+    fetched: list[int] = []
+
+    def fetch() -> dict[str, Any]:
+        fetched.append(1)
+        return {"peers": PEERS, "routes": []}
+
+    monkeypatch.setattr(plugin, "fetch", fetch)
+    monkeypatch.setattr(plugin, "_read_config_data", lambda path: None)
+    key = plugin._cache_key("/x/mesh.coordinator.yml")
+    plugin._cache = {key: PEERS}  # peers only, written before routes existed
+    plugin.parse(plugin.inventory, plugin.loader, "/x/mesh.coordinator.yml")
+    assert fetched == [1] and plugin._cache[key] == {"peers": PEERS, "routes": []}
+    plugin.parse(plugin.inventory, plugin.loader, "/x/mesh.coordinator.yml")
+    assert fetched == [1]  # served from the cache now

@@ -156,7 +156,12 @@ def test_peer_cycle(ansible: Ansible, api: httpx.Client, coordinator: Coordinato
         + [{"name": "missing", "starling.mesh.peer": {"name": uniq("nope")}, "ignore_errors": True}]
     )
     assert run.rc == 0, run.stdout
-    assert run.result("check")["diff"]["after"] == {"name": peer["name"], "groups": [group], "approved": False}
+    assert run.result("check")["diff"]["after"] == {
+        "name": peer["name"],
+        "groups": [group],
+        "approved": False,
+        "exit_node": None,
+    }
     got = api.get(f"/api/v1/peers/{peer['id']}").json()
     assert got["name"] == new_name and got["groups"] == [group] and got["approved"] is False
     assert "not found" in run.task("missing")["result"]["msg"]

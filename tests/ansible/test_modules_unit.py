@@ -33,7 +33,7 @@ class FakeClient:
         self.data: dict[str, dict[str, dict[str, Any]]] = {
             f"/{k.replace('_', '-')}": {o["name"]: copy.deepcopy(o) for o in v} for k, v in collections.items()
         }
-        for path in ("/groups", "/policies", "/peers", "/setup-keys", "/tokens"):
+        for path in ("/groups", "/policies", "/peers", "/routes", "/setup-keys", "/tokens"):
             self.data.setdefault(path, {})
         self.writes: list[tuple[str, str, Any]] = []
         self._n = 0
@@ -56,6 +56,9 @@ class FakeClient:
 
     def missing_groups(self, names: Any) -> list[str]:
         return sorted(set(names) - set(self.data["/groups"]))
+
+    def missing_routes(self, names: Any) -> list[str]:
+        return sorted(set(names) - set(self.data["/routes"]))
 
     @staticmethod
     def item_path(coll: str, item_id: str) -> str:
@@ -215,13 +218,17 @@ def test_setup_key_clear_key_only_on_create() -> None:
 
 def test_peer_rename_is_idempotent() -> None:
     c = FakeClient(peers=[{"id": "1", "name": "new", "groups": [], "approved": True}])
-    res = peer.run(FakeModule(c, name="old", new_name="new", groups=None, append=False, approved=None, state="present"))
+    res = peer.run(
+        FakeModule(
+            c, name="old", new_name="new", groups=None, append=False, approved=None, exit_node=None, state="present"
+        )
+    )
     assert res["changed"] is False and c.writes == []
 
 
 # ----- policy_set ----------------------------------------------------------------------------------
 def set_params(**kw: Any) -> dict[str, Any]:
-    return {"groups": [], "policies": [], "expect": [], "exclusive": True, **kw}
+    return {"groups": [], "policies": [], "routes": None, "expect": [], "exclusive": True, **kw}
 
 
 def declared_groups(*names: str) -> list[dict[str, Any]]:

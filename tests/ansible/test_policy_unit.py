@@ -63,7 +63,7 @@ def test_normalize_policy_matches_coordinator_form() -> None:
     p = pol("x", ["b", "a", "a"], ["peer:web-1"], "tcp", ["8000-8100", 22, "22"])
     assert p["ports"] == ["22", "8000-8100"]
     assert p["sources"] == {"groups": ["a", "b"], "peers": []}
-    assert p["destinations"] == {"groups": [], "peers": ["web-1"]}
+    assert p["destinations"] == {"groups": [], "peers": ["web-1"], "routes": []}
     assert p["enabled"] is True and p["bidirectional"] is False and p["description"] == ""
 
 
