@@ -8,6 +8,7 @@ Topology: bridge 198.18.N.0/24 (coordinator, signal and OpenBao on .1), agents a
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -83,14 +84,33 @@ class Pings:
         return out
 
 
-def rotation_log(mesh: Mesh) -> str:
-    """The agents' log lines around key changes and path changes (for a failed loss assertion)."""
-    words = ("rotat", "presented", "WireGuard", "endpoint", "lost", "offer", "answer", "ERROR", "WARNING")
+def rotation_log(mesh: Mesh, missing: dict[str, list[str]] | None = None) -> str:
+    """The agents' log lines around key changes and path changes (for a failed loss assertion); with
+    `missing` (ping's "no answer yet" lines, -D timestamps), only the lines within 3 s of a loss, so that
+    the CI log, which keeps only the end of the output, still shows them."""
+    words = ("rotat", "presented", "WireGuard", "endpoint", "lost", "offer", "answer", "ERROR", "WARNING", "key")
+    times = [
+        float(m.group(1))
+        for lines in (missing or {}).values()
+        for line in lines
+        if (m := re.match(r"\[(\d+\.\d+)\]", line))
+    ]
     out = []
     for name, agent in mesh.agents.items():
-        lines = [line for line in agent.log_tail(400).splitlines() if any(w in line for w in words)]
+        lines = [line for line in agent.log_tail(2000).splitlines() if any(w in line for w in words)]
+        if times:
+            lines = [line for line in lines if _near(line, times, 3.0)]
         out.append(f"--- {name}\n" + "\n".join(lines[-60:]))
     return "\n".join(out)
+
+
+def _near(line: str, times: list[float], window: float) -> bool:
+    """The agent log line (starting "YYYY-mm-dd HH:MM:SS,mmm", UTC) is within `window` s of one of `times`."""
+    try:
+        stamp = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return False
+    return any(abs(stamp - t) <= window for t in times)
 
 
 def reload(mesh: Mesh, name: str, expect: str | None = None) -> dict[str, Any]:
@@ -233,7 +253,7 @@ def test_rotate_keys_playbook_loses_no_packet(rmesh: tuple[Mesh, VaultPeers], tm
         assert coordinator_key(mesh, name) == data["public_key"] != before[name][0]
         assert mesh.agents[name].status()["public_key"] == data["public_key"]
     print("playbook rotation, lost packets per direction:", lost)
-    assert sum(lost.values()) == 0, (lost, pings.missing, rotation_log(mesh))
+    assert sum(lost.values()) == 0, (lost, pings.missing, rotation_log(mesh, pings.missing))
     assert "changed=2" in run.stdout  # per host: the Vault write and the agent's reload
 
 
