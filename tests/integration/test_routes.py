@@ -169,7 +169,8 @@ def scrape(host: Host) -> str:
 
 
 def route_status(mesh: Mesh, name: str) -> dict[str, Any]:
-    return mesh.agents[name].status().get("routing", {})
+    routing: dict[str, Any] = mesh.agents[name].status().get("routing", {})
+    return routing
 
 
 def tcp_get(host: Host, ip: str, port: int, timeout: float = 2.0) -> str | None:
