@@ -324,6 +324,51 @@ def test_malformed_nat_messages_from_a_peer_change_nothing(nat_mesh: Mesh) -> No
         api.delete(f"/api/v1/peers/{r.json()['peer']['id']}")
 
 
+def test_a_peer_behind_symmetric_nat_reaches_a_lan_behind_a_routing_peer_behind_nat(nat_mesh: Mesh) -> None:
+    """Routes through NAT: s1 (symmetric NAT) reaches a plain host on a LAN behind e1 (EIM NAT), whose
+    pair with s1 goes through the TURN relay; s2, without a policy, gets no route."""
+    lab: NatLab = nat_mesh.lab  # type: ignore[assignment]
+    subnet = f"198.18.{lab.lan_base + 90}"  # beyond every router LAN of this lab (at most 80 routers)
+    ns = f"{lab.prefix}-clinic"
+    lab._add_namespace(ns)
+    e1 = nat_mesh.agents["e1"].host
+    run_in = ["ip", "netns", "exec", ns]
+    subprocess.run(
+        ["ip", "link", "add", "clinic0", "netns", e1.ns, "type", "veth", "peer", "name", "eth0", "netns", ns],
+        check=True,
+    )
+    e1.exec("ip", "addr", "add", f"{subnet}.1/24", "dev", "clinic0")
+    e1.exec("ip", "link", "set", "clinic0", "up")
+    subprocess.run([*run_in, "ip", "addr", "add", f"{subnet}.10/24", "dev", "eth0"], check=True)
+    subprocess.run([*run_in, "ip", "link", "set", "eth0", "up"], check=True)
+    with nat_mesh.api() as api:
+        r = api.post(
+            "/api/v1/routes", json={"name": "nat-clinic", "prefix": f"{subnet}.0/24", "routers": [{"peer": "e1"}]}
+        )
+        assert r.status_code == 201, r.text
+        route_id = r.json()["id"]
+        body = {"name": "s1-clinic", "sources": {"peers": ["s1"]}, "destinations": {"routes": ["nat-clinic"]}}
+        r = api.post("/api/v1/policies", json=body)
+        assert r.status_code == 201, r.text
+        policy_id = r.json()["id"]
+    try:
+        s1 = nat_mesh.agents["s1"]
+        wait_for(lambda: s1.host.ping(f"{subnet}.10"), 40, what="s1 pings the clinic host through e1")
+        path = path_of(nat_mesh, "s1", "e1")
+        routing = s1.status()["routing"]
+        assert [(r["name"], r["active_router"], r["installed"]) for r in routing["routes"]] == [
+            ("nat-clinic", "e1", True)
+        ]
+        print(f"routed through NAT: s1 -> e1 is {path.get('path')} (proxied={path.get('proxied')})")
+        assert nat_mesh.agents["s2"].status()["routing"]["routes"] == []
+        assert not nat_mesh.agents["s2"].host.ping(f"{subnet}.10", wait=1.0)
+    finally:
+        with nat_mesh.api() as api:
+            api.delete(f"/api/v1/policies/{policy_id}")
+            api.delete(f"/api/v1/routes/{route_id}")
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 def test_symmetric_nat_turning_eim_upgrades_to_direct(nat_mesh: Mesh) -> None:
     lab: NatLab = nat_mesh.lab  # type: ignore[assignment]
     nat_mesh.wait_ping("s1", "s2", 30)
