@@ -6,11 +6,13 @@
 #      from (scripts/build-wheelhouse.sh), the collection path .state/collections -> this repository
 #      (`make demo` runs `make system` first: apt packages, podman among them);
 #   2. the lab (scripts/lab.sh up stldemo): coordinator + signal, coturn, OpenBao, two NAT routers
-#      (endpoint-independent and symmetric), three agent hosts, on --internal podman networks in 198.18.0.0/15;
+#      (endpoint-independent and symmetric), three agent hosts, a clinic LAN behind agent3 with a host that runs no
+#      agent, on --internal podman networks in 198.18.0.0/15;
 #   3. ansible-playbook playbooks/site.yml -i examples/lab/inventory (Vault, coordinator, signal, relay,
-#      settings, agents, policy from examples/lab/policies);
+#      settings, agents, policy and the clinic route from examples/lab/policies);
 #   4. the result: the peers as the starling.mesh.coordinator inventory plugin lists them, each agent's
-#      `starling status`, and who reaches whom over the mesh (ping) on which path.
+#      `starling status`, who reaches whom over the mesh (ping) on which path, and who reaches the clinic host
+#      through the route (ping, tcp/8080). The exit code is the matrix's: 1 when a measurement contradicts the policy.
 #
 # Idempotent: a second run reuses the lab and the playbook changes nothing. `scripts/demo.sh down`
 # (`make demo-down`) removes the containers, networks, host firewall table and .state/lab/stldemo.
@@ -97,11 +99,13 @@ for agent in agent1 agent2 agent3; do
     bash scripts/lab.sh exec -p "$PREFIX" "$agent" starling status 2>&1 | sed 's/^/  /' || true
 done
 
-step "reachability over the mesh: ping from each row to each column, path from the row's starling status"
+step "reachability over the mesh: ping from each row to each column (the clinic: ping and tcp/8080), path from the row's starling status"
 matrix_rc=0
 bash scripts/lab.sh matrix "$PREFIX" --wait 60 || matrix_rc=$?
 
 elapsed=$(($(date +%s) - START))
+clinic_ip=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["hosts"]["clinic"]["ip"])' \
+    "$LAB_DIR/lab.json" 2>/dev/null || echo CLINIC-IP)
 if [[ $changed -eq 0 ]]; then
     rerun_note="measured: nothing needed changing, everything was already in place"
 else
@@ -113,10 +117,12 @@ Starling demo: ${elapsed} s; site.yml: ${changed} change(s) this run (${rerun_no
   direct   WireGuard straight between the two hosts (through agent1's endpoint-independent NAT)
   relayed  through coturn on 'relay' (agent2's symmetric NAT gives every destination a new port)
   blocked  no policy allows the pair (examples/lab/policies): no tunnel, and both agents drop the traffic
+  routed   to the clinic host (no agent) through the route 'clinic': agent3 forwards and masquerades, for ops only
 
 Try:
   scripts/lab.sh exec agent1 starling status -d      # per peer: path, endpoint, candidates, relay
   scripts/lab.sh exec agent2 starling explain agent1 # why that pair is relayed
+  scripts/lab.sh exec agent1 starling explain ${clinic_ip}  # the clinic host: which route, router, policy
   eval "\$(scripts/lab.sh env)"; ansible-inventory -i examples/lab/mesh.coordinator.yml --graph
   STARLING_LAB_DIR=$LAB_DIR ansible-playbook playbooks/site.yml -i examples/lab/inventory --check --diff
   scripts/lab.sh check                               # the lab's NAT and isolation checks

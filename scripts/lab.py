@@ -13,6 +13,13 @@ Topology (every address inside 198.18.0.0/15; S = the lab's slot, see `allocate_
       nat-sym .3   WAN of the symmetric router
     LAN 1       PREFIX-lan1  198.18.(112+2S).0/24  --internal; nat-eim .1, agent1 .10 (default via .1)
     LAN 2       PREFIX-lan2  198.18.(113+2S).0/24  --internal; nat-sym .1, agent2 .10 (default via .1)
+    clinic LAN  PREFIX-clinic  the S-th /27 of 198.18.40.0/21  --internal; agent3 .1 (its routing peer),
+                clinic .10: a plain host that runs no agent (a web server on tcp/8080, no default route)
+
+The clinic LAN is reached only through the mesh: examples/lab/policies routes the whole clinic range
+198.18.40.0/21 (CLINIC_RANGE: one literal prefix in the policy data, whatever the lab's slot) via agent3 and
+lets the group ops (agent1) use it. Every lab takes its own /27 of that range, so that labs side by side
+(the demo, molecule's, a test's) never share a subnet.
 
 Routers are containers with nftables: `masquerade` (port-preserving, endpoint-independent mapping) or
 `masquerade random,fully-random` (a new port for every destination: symmetric), a stateful filter that
@@ -30,7 +37,7 @@ Isolation (nothing leaves the lab):
     (`ip route get` only, so the check itself sends nothing out), LANs cannot reach each other,
     routers behave as EIM / symmetric and drop unsolicited inbound packets.
 
-Names: containers PREFIX-<host>, networks PREFIX-pub|lan1|lan2, label starling.lab=PREFIX, state in
+Names: containers PREFIX-<host>, networks PREFIX-pub|lan1|lan2|clinic, label starling.lab=PREFIX, state in
 .state/lab/PREFIX/ (lab.json, pids/<host> written by podman --pidfile, OpenBao's init data 0600).
 """
 
@@ -77,9 +84,17 @@ HOSTS: dict[str, dict[str, Any]] = {
     "nat-sym": {"nets": {"pub": 3, "lan2": 1}, "nat": "symmetric", "role": "router, symmetric NAT"},
     "agent1": {"nets": {"lan1": 10}, "gateway": "nat-eim", "role": "agent behind the EIM NAT"},
     "agent2": {"nets": {"lan2": 10}, "gateway": "nat-sym", "role": "agent behind the symmetric NAT"},
-    "agent3": {"nets": {"pub": 20}, "role": "agent with a public address"},
+    "agent3": {"nets": {"pub": 20, "clinic": 1}, "role": "agent with a public address, routing peer of the clinic"},
+    "clinic": {"nets": {"clinic": 10}, "role": "clinic host: no agent, reached through the route via agent3"},
 }
-NETWORKS = ("pub", "lan1", "lan2")
+NETWORKS = ("pub", "lan1", "lan2", "clinic")
+# The clinic LAN (see the module's docstring): the route's prefix in examples/lab/policies/mesh.yml, its routing
+# peer, the port of the clinic host's web server, and the agents the policy lets reach it (the group ops).
+CLINIC_RANGE = ipaddress.IPv4Network("198.18.40.0/21")
+CLINIC_ROUTER = "agent3"
+CLINIC_PORT = 8080
+CLINIC_ALLOWED = ("agent1",)
+CLINIC_CLOSED_PORT = 22  # no policy opens it: the routing peer must drop it (no listener there: refused if forwarded)
 ROUTER_FOR_LAN = {"lan1": "nat-eim", "lan2": "nat-sym"}
 
 START = time.monotonic()
@@ -115,6 +130,7 @@ def slot_subnets(slot: int) -> dict[str, ipaddress.IPv4Network]:
         "pub": ipaddress.IPv4Network(f"198.19.{48 + slot}.0/24"),
         "lan1": ipaddress.IPv4Network(f"198.18.{112 + 2 * slot}.0/24"),
         "lan2": ipaddress.IPv4Network(f"198.18.{113 + 2 * slot}.0/24"),
+        "clinic": ipaddress.IPv4Network((int(CLINIC_RANGE.network_address) + 32 * slot, 27)),
     }
 
 
@@ -150,7 +166,7 @@ def used_networks(exclude_prefix: str) -> list[ipaddress.IPv4Network]:
 
 def allocate_slot(prefix: str) -> int:
     """The lab's slot: derived from the prefix (so a lab keeps its addresses), moved on while any of its
-    three /24s overlaps a network in use (another lab, a test's bridge, a podman network)."""
+    networks overlaps a network in use (another lab, a test's bridge, a podman network)."""
     used = used_networks(prefix)
     first = int(hashlib.sha256(prefix.encode()).hexdigest(), 16) % SLOTS
     for i in range(SLOTS):
@@ -325,7 +341,8 @@ def ensure_networks(lab: Lab) -> None:
                 )
             continue
         # --internal: no gateway on the host, no default route in the containers, no masquerading.
-        # The IPAM gateway (never configured anywhere) is set to .254 so that .1 can go to a router.
+        # The IPAM gateway (never configured anywhere) is set to the last address (.254 of a /24) so that .1 can
+        # go to a router.
         podman(
             "network",
             "create",
@@ -334,7 +351,7 @@ def ensure_networks(lab: Lab) -> None:
             "--subnet",
             str(subnet),
             "--gateway",
-            str(subnet.network_address + 254),
+            str(subnet.broadcast_address - 1),
             "--label",
             f"starling.lab={lab.prefix}",
             name,
@@ -367,6 +384,8 @@ def ensure_containers(lab: Lab) -> list[str]:
                     f"container {name} belongs to another lab (its PID file is {pidfile or 'unset'}): "
                     "pick another prefix (scripts/lab.sh up PREFIX; make demo: STARLING_DEMO_PREFIX=...)"
                 )
+        if state is not None:
+            connect_missing_networks(lab, host)
         if state == "running":
             continue
         if state is not None:
@@ -407,6 +426,17 @@ def ensure_containers(lab: Lab) -> list[str]:
     if missing:
         log(f"containers started: {', '.join(lab.container(h) for h in missing)}")
     return missing
+
+
+def connect_missing_networks(lab: Lab, host: str) -> None:
+    """A container of a lab made before a network joined the topology (the clinic LAN): connect it."""
+    name = lab.container(host)
+    out = podman("container", "inspect", "--format", "{{json .NetworkSettings.Networks}}", name).stdout
+    have = set(json.loads(out or "{}") or {})
+    for net in HOSTS[host]["nets"]:
+        if lab.network(net) not in have:
+            podman("network", "connect", "--ip", lab.ip(host, net), lab.network(net), name)
+            log(f"{name}: connected to {lab.network(net)} ({lab.ip(host, net)})")
 
 
 def wait_systemd(lab: Lab, hosts: list[str]) -> None:
@@ -546,6 +576,39 @@ def configure_host(lab: Lab) -> None:
             f"host nftables table inet {lab.nft_table}: no forwarding from/to "
             f"{', '.join(sorted(lab.data['bridges'].values()))}, no new connections from the lab"
         )
+
+
+CLINIC_UNIT = """\
+[Unit]
+Description=The clinic's web server (Starling lab: a host that runs no agent, reached through a mesh route)
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/python3 -m http.server {port} --bind {ip} --directory /srv/clinic
+Restart=always
+RestartSec=1
+User=nobody
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def clinic_page(lab: Lab) -> str:
+    return f"Starling lab clinic host {lab.ip('clinic')}\n"
+
+
+def configure_clinic(lab: Lab) -> None:
+    """The clinic host: a web server on CLINIC_PORT (what the policy opens besides ping). No agent, ever."""
+    changed = lab.write("clinic", "/srv/clinic/index.html", clinic_page(lab))
+    unit = CLINIC_UNIT.format(port=CLINIC_PORT, ip=lab.ip("clinic"))
+    if lab.write("clinic", "/etc/systemd/system/clinic-web.service", unit) or changed:
+        lab.exec("clinic", "systemctl", "daemon-reload")
+        lab.exec("clinic", "systemctl", "enable", "clinic-web.service", check=False)
+        lab.exec("clinic", "systemctl", "restart", "clinic-web.service")
+        log(f"{lab.container('clinic')}: web server on {lab.ip('clinic')}:{CLINIC_PORT}")
+    else:
+        lab.exec("clinic", "systemctl", "start", "clinic-web.service")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -694,14 +757,16 @@ def cmd_up(lab: Lab) -> int:
     if podman("image", "exists", IMAGE, check=False).returncode != 0:
         raise LabError(f"image {IMAGE} missing: run scripts/build-image.sh (make image)")
     with lock():  # one lab at a time picks its addresses and creates its networks
-        if "slot" not in lab.data:
+        new = "slot" not in lab.data
+        if new:
             lab.data["slot"] = allocate_slot(lab.prefix)
             lab.data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             lab.save()
-            nets = lab.subnets
-            log(f"new lab {lab.prefix}: public {nets['pub']}, LANs {nets['lan1']} and {nets['lan2']}")
-        else:
-            log(f"lab {lab.prefix}: public {lab.subnets['pub']}, LANs {lab.subnets['lan1']} and {lab.subnets['lan2']}")
+        nets = lab.subnets
+        log(
+            f"{'new lab' if new else 'lab'} {lab.prefix}: public {nets['pub']}, "
+            f"LANs {nets['lan1']} and {nets['lan2']}, clinic LAN {nets['clinic']}"
+        )
         ensure_networks(lab)
         lab.save()
     ensure_containers(lab)
@@ -711,6 +776,7 @@ def cmd_up(lab: Lab) -> int:
     configure_routes(lab)
     wait_systemd(lab, list(HOSTS))
     configure_vault(lab)
+    configure_clinic(lab)
     lab.data.update(lab.describe())
     lab.save()
     (lab.dir / "lab.env").write_text(f"export STARLING_LAB_DIR={lab.dir}\n")
@@ -925,6 +991,13 @@ def cmd_check(lab: Lab) -> int:
         target = str(lab.subnets[other].network_address + 10)
         r = lab.exec(router, "ip", "route", "get", target, check=False)
         check(r.returncode != 0, f"{router}: no route to the other LAN ({target})", r.stdout.strip())
+    # The clinic LAN is reachable only through the mesh route (whose routing peer, agent3, is on it).
+    clinic_ip = lab.ip("clinic")
+    for host in ("coord", "nat-eim", "nat-sym"):
+        r = lab.exec(host, "ip", "route", "get", clinic_ip, check=False)
+        check(r.returncode != 0, f"{host}: no route to the clinic LAN ({clinic_ip})", r.stdout.strip())
+    r = lab.exec("clinic", "ip", "route", "get", lab.ip("coord"), check=False)
+    check(r.returncode != 0, f"clinic: no route to the public network ({lab.ip('coord')})", r.stdout.strip())
 
     print("Host (controller) side:")
     bridges = lab.data["bridges"]
@@ -957,6 +1030,7 @@ def cmd_check(lab: Lab) -> int:
         ("agent3", lab.ip("agent1"), False, "agent3 -> agent1's LAN address"),
         ("agent1", lab.ip("nat-sym", "lan2"), False, "agent1 -> the symmetric router's LAN side"),
         ("agent3", d["controller_ip"], False, "agent3 -> the host (new connections from the lab are dropped)"),
+        ("agent3", lab.ip("clinic"), True, "agent3 -> clinic (its clinic LAN)"),
     ]
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda c: ping(c[0], c[1]), cases))
@@ -966,6 +1040,13 @@ def cmd_check(lab: Lab) -> int:
             f"{what}: {'reachable' if reachable else 'blocked'}",
             f"{dst} {'answered' if answered else 'no answer'}",
         )
+
+    page = http_get(lab, CLINIC_ROUTER, lab.ip("clinic"))
+    check(
+        page == clinic_page(lab).strip(),
+        f"{CLINIC_ROUTER} -> clinic tcp/{CLINIC_PORT}: the clinic's web server answers",
+        page or "no answer",
+    )
 
     print("NAT behaviour (UDP from one source port to two reflectors, coord and agent3):")
     reflectors = [("coord", 3479), ("agent3", 3479)]
@@ -1061,6 +1142,47 @@ def agent_status(lab: Lab, host: str) -> dict[str, Any] | None:
     return None
 
 
+HTTP_GET = """\
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
+    print(r.read().decode().strip())
+"""
+
+
+def http_get(lab: Lab, host: str, ip: str, timeout: float = 3.0) -> str | None:
+    """The clinic web server's page as `host` gets it (python3 in the container), None without an answer."""
+    url = f"http://{ip}:{CLINIC_PORT}/"
+    r = lab.exec(host, "python3", "-c", HTTP_GET, url, str(timeout), check=False, timeout=timeout + 10)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+TCP_PROBE = """\
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except OSError:
+    print("no answer")
+"""
+
+
+def tcp_probe(lab: Lab, host: str, ip: str, port: int, timeout: float = 2.0) -> str:
+    """open, refused (a RST: the packet got there) or no answer (dropped on the way)."""
+    r = lab.exec(host, "python3", "-c", TCP_PROBE, ip, str(port), str(timeout), check=False, timeout=timeout + 10)
+    return r.stdout.strip() or "error"
+
+
+def clinic_route(status: dict[str, Any] | None, ip: str) -> dict[str, Any] | None:
+    """The route of an agent's `starling status --json` that covers `ip` (None: its map offers none)."""
+    for r in ((status or {}).get("routing") or {}).get("routes") or []:
+        with contextlib.suppress(ValueError, KeyError):
+            if ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(r["prefix"]) and r["prefix"] != "0.0.0.0/0":
+                return dict(r)
+    return None
+
+
 def coordinator_paths(lab: Lab) -> dict[str, list[str]] | None:
     """Each peer's tunnel paths as the coordinator last heard them from the agent (GET /api/v1/peers)."""
     token = admin_token(lab)
@@ -1109,8 +1231,11 @@ def mesh_matrix(lab: Lab, wait: float) -> dict[str, Any]:
     while True:
         with concurrent.futures.ThreadPoolExecutor(len(AGENTS)) as pool:
             statuses = dict(zip(AGENTS, pool.map(lambda h: agent_status(lab, h), AGENTS), strict=True))
+        # ... and for the clinic route to be installed where the map offers it (its router's tunnel is up).
         settled = all(
-            st is not None and all(p["path"] in ("direct", "relayed") for p in st.get("peers", []))
+            st is not None
+            and all(p["path"] in ("direct", "relayed") for p in st.get("peers", []))
+            and all(r.get("installed") for r in (clinic_route(st, lab.ip("clinic")),) if r)
             for st in statuses.values()
         )
         if settled or time.monotonic() > deadline:
@@ -1139,12 +1264,62 @@ def mesh_matrix(lab: Lab, wait: float) -> dict[str, Any]:
             "proxied": bool((peer or {}).get("proxied")),
         }
 
-    with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
+    clinic_ip = lab.ip("clinic")
+
+    def clinic(src: str) -> dict[str, Any]:
+        """Ping and tcp/CLINIC_PORT from an agent to the clinic host, and the route its status shows."""
+        ping = lab.exec(src, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", clinic_ip, check=False, timeout=20)
+        page = http_get(lab, src, clinic_ip)
+        closed = tcp_probe(lab, src, clinic_ip, CLINIC_CLOSED_PORT) if src in CLINIC_ALLOWED else None
+        route = clinic_route(statuses.get(src), clinic_ip)
+        return {
+            "from": src,
+            "to": "clinic",
+            "ip": clinic_ip,
+            "port": CLINIC_PORT,
+            "router": src == CLINIC_ROUTER,  # on the clinic LAN itself
+            "allowed": src in CLINIC_ALLOWED,  # by the policy (examples/lab/policies/mesh.yml)
+            "route": route and {k: route.get(k) for k in ("name", "prefix", "active_router", "installed", "reason")},
+            "ping": ping.returncode == 0,
+            "tcp": page == clinic_page(lab).strip(),
+            # a port no policy opens, from an allowed agent: the routing peer must drop it
+            "closed_port": CLINIC_CLOSED_PORT,
+            "closed_port_result": closed,
+        }
+
+    with concurrent.futures.ThreadPoolExecutor(len(pairs) + len(AGENTS)) as pool:
+        clinic_results = [pool.submit(clinic, a) for a in AGENTS]
         results = list(pool.map(one, pairs))
+        clinic_rows = [f.result() for f in clinic_results]
     return {
         "agents": {h: {"mesh_ip": mesh_ip[h], "running": statuses[h] is not None} for h in AGENTS},
         "pairs": results,
+        "clinic": clinic_rows,
     }
+
+
+def clinic_cell(r: dict[str, Any], paths: dict[tuple[str, str], str]) -> tuple[str, bool]:
+    """The clinic column: (text, as the policy says). Allowed agents must reach it (ping and tcp/CLINIC_PORT)
+    through the route via CLINIC_ROUTER, and not on CLINIC_CLOSED_PORT; every other agent must reach it neither
+    way; the router is on the LAN."""
+    got = f"ping {'ok' if r['ping'] else 'FAILED'}, tcp/{r['port']} {'ok' if r['tcp'] else 'FAILED'}"
+    if r["router"]:
+        return f"routing peer (on the LAN): {got}", r["ping"] and r["tcp"]
+    route = r["route"] or {}
+    if r["allowed"]:
+        router = route.get("active_router")
+        dropped = r["closed_port_result"] == "no answer"
+        got += f", tcp/{r['closed_port']} " + ("blocked" if dropped else f"NOT BLOCKED ({r['closed_port_result']})")
+        good = r["ping"] and r["tcp"] and dropped and router == CLINIC_ROUTER and bool(route.get("installed"))
+        if not route:
+            return f"NO ROUTE in the map; {got}", False
+        if not route.get("installed"):
+            return f"route NOT INSTALLED ({route.get('reason')}); {got}", False
+        tunnel = paths.get((r["from"], str(router)), "?")
+        return f"routed via {router} ({tunnel}): {got}", good
+    if not r["ping"] and not r["tcp"]:
+        return "blocked", True
+    return f"blocked?! ping {'answered' if r['ping'] else 'no'}, tcp {'answered' if r['tcp'] else 'no'}", False
 
 
 def cmd_matrix(lab: Lab, wait: float, as_json: bool) -> int:
@@ -1161,15 +1336,23 @@ def cmd_matrix(lab: Lab, wait: float, as_json: bool) -> int:
                 text, good = f"{r['path']} {'ping ok' if r['ping'] else 'NO PING'}", r["ping"]
             bad += not good
             cell[(r["from"], r["to"])] = text
+        paths = {(r["from"], r["to"]): r["path"] for r in m["pairs"]}
+        for r in m["clinic"]:
+            text, good = clinic_cell(r, paths)
+            bad += not good
+            cell[(r["from"], "clinic")] = text
         width = 20
         corner = "from \\ to"
         heads = [f"{h} {m['agents'][h]['mesh_ip'] or '?'}" for h in AGENTS]
+        heads.append(f"clinic {lab.ip('clinic')} (no agent; route clinic, {CLINIC_RANGE})")
         print(f"  {corner:10}" + "".join(f"{head:{width + 2}}" for head in heads))
         for a in AGENTS:
-            print(f"  {a:10}" + "".join(f"{cell.get((a, b), '-'):{width + 2}}" for b in AGENTS))
+            print(f"  {a:10}" + "".join(f"{cell.get((a, b), '-'):{width + 2}}" for b in (*AGENTS, "clinic")).rstrip())
         if bad:
             print(f"  {bad} pair(s) not as the policy says")
+    paths = {(r["from"], r["to"]): r["path"] for r in m["pairs"]}
     ok = all((r["path"] == "blocked") != r["ping"] for r in m["pairs"])
+    ok = ok and all(clinic_cell(r, paths)[1] for r in m["clinic"])
     return 0 if ok else 1
 
 
@@ -1276,7 +1459,11 @@ def main(argv: list[str]) -> int:
     sp = sub.add_parser("peers", help="the mesh's peers from ansible-inventory (starling.mesh.coordinator plugin)")
     sp.add_argument("prefix", nargs="?", default=os.environ.get("STARLING_LAB_PREFIX", DEFAULT_PREFIX))
     sp.add_argument("--json", action="store_true", help="the inventory as JSON (untrusted markers removed)")
-    sp = sub.add_parser("matrix", help="ping over the mesh between every two agents, with the path of each tunnel")
+    sp = sub.add_parser(
+        "matrix",
+        help="ping over the mesh between every two agents (with the path of each tunnel), and from each agent "
+        "ping and tcp to the clinic host through the route",
+    )
     sp.add_argument("prefix", nargs="?", default=os.environ.get("STARLING_LAB_PREFIX", DEFAULT_PREFIX))
     sp.add_argument("--wait", type=float, default=60, help="seconds to wait for tunnels to connect (60)")
     sp.add_argument("--json", action="store_true")
