@@ -155,8 +155,8 @@ class RouteChoice:
                 self.changes += 1
             self.active[route.id] = chosen
             self.why[route.id] = reason
-        elif reason == "up":
-            reason = self.why.get(route.id, reason)
+        elif reason == "up" and self.why.get(route.id, "").startswith(("failover", "a better")):
+            reason = self.why[route.id]  # why this router carries the route, while it stays up
         else:
             self.why[route.id] = reason
         return self._state(route, chosen, reason, present)

@@ -84,6 +84,10 @@ def test_scenario(molecule_run: dict[str, object], scenario: str) -> None:
         for expected in ("agent1 -> agent3: direct, ping ok", "agent1 -> agent2: relayed, ping ok",
                          "agent2 -> agent3: blocked, ping blocked", "all checks passed"):  # fmt: skip
             assert expected in log, f"{expected!r} not in the mesh scenario's log:\n{tail}"
+        # ... and the routed clinic host (issue 16): reached through agent3 by agent1 only.
+        for pattern in (r"agent1 -> clinic \S+: routed via agent3, ping and tcp/8080 ok, tcp/22\s+blocked",
+                        r"agent2 -> clinic \S+: blocked"):  # fmt: skip
+            assert re.search(pattern, log), f"{pattern!r} not in the mesh scenario's log:\n{tail}"
 
 
 def test_nothing_left(molecule_run: dict[str, object]) -> None:

@@ -63,6 +63,8 @@ def test_no_router_up_picks_the_best_by_metric_so_traffic_can_start() -> None:
     choice = RouteChoice()
     state = choice.decide([LAN], {"gw1", "gw2"}, None, 5.0).routes[0]
     assert state.active == "gw1" and "no routing peer is up" in state.reason
+    choice.observe("gw1", 100, True, 6.0)  # it comes up: the reason says so (not the start-up one)
+    assert choice.decide([LAN], {"gw1", "gw2"}, None, 6.0).routes[0].reason == "up"
     assert choice.decide([LAN], set(), None, 5.0).routes[0].active is None
 
 
