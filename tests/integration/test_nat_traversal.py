@@ -353,7 +353,19 @@ def test_a_peer_behind_symmetric_nat_reaches_a_lan_behind_a_routing_peer_behind_
         policy_id = r.json()["id"]
     try:
         s1 = nat_mesh.agents["s1"]
-        wait_for(lambda: s1.host.ping(f"{subnet}.10"), 40, what="s1 pings the clinic host through e1")
+        nat_mesh.wait_ping("s1", "e1", 40, what="s1 -> e1 over the mesh (before the route)")
+        try:
+            wait_for(lambda: s1.host.ping(f"{subnet}.10"), 40, what="s1 pings the clinic host through e1")
+        except AssertionError as exc:
+            e1_agent = nat_mesh.agents["e1"]
+            facts = [
+                f"s1 routing: {s1.status().get('routing')}",
+                f"e1 routing: {e1_agent.status().get('routing')}",
+                "s1 route get: " + s1.host.exec("ip", "route", "get", f"{subnet}.10", check=False).stdout,
+                "e1 nft:\n" + e1.exec("nft", "list", "table", "inet", "starling", check=False).stdout,
+                "e1 forwarding: " + e1.exec("sysctl", "net.ipv4.ip_forward", check=False).stdout,
+            ]
+            raise AssertionError(f"{exc}\n" + "\n".join(facts) + "\n" + nat_mesh.diagnose("s1", "e1")) from None
         path = path_of(nat_mesh, "s1", "e1")
         routing = s1.status()["routing"]
         assert [(r["name"], r["active_router"], r["installed"]) for r in routing["routes"]] == [
