@@ -3,6 +3,8 @@ WireGuard private key, starling_proto.seal), the map stream (SSE), state reports
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -13,6 +15,10 @@ import httpx
 from agent.keys import private_key_object
 from agent.status import PathReport
 from starling_proto.seal import Purpose, SealError, seal
+
+# The coordinator sends a keep-alive on the map stream every `heartbeat` seconds (default 15, docs/api.md):
+# this long without a byte means the connection is dead (e.g. a partition TCP has not noticed): reconnect.
+STREAM_SILENCE = 60.0
 
 
 class CoordinatorError(Exception):
@@ -36,6 +42,17 @@ def _error(resp: httpx.Response) -> CoordinatorError:
     return CoordinatorError(f"coordinator answered {resp.status_code}: {message}", resp.status_code)
 
 
+def _trust(url: str, verify: ssl.SSLContext | None) -> ssl.SSLContext | bool:
+    """What httpx verifies TLS with: the configured CA (ca_file), else the default trust store for https.
+    A plain http:// coordinator never uses TLS, so the default store (~30 ms to load: on the way to the
+    first ping) is not read; the context given instead holds no CA and would refuse any TLS peer."""
+    if verify is not None:
+        return verify
+    if url.lower().startswith("https://"):
+        return True
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and names, trusts nobody
+
+
 def _sealed(purpose: Purpose, challenge: dict[str, Any], privates: list[str], payload: dict[str, Any]) -> Any:
     try:
         return seal(
@@ -56,7 +73,7 @@ def enroll(
     send the payload sealed with `private_key`, open the sealed reply (peer, credential, signing key)."""
     base = url.rstrip("/")
     try:
-        with httpx.Client(timeout=timeout, verify=verify if verify else True) as client:
+        with httpx.Client(timeout=timeout, verify=_trust(base, verify)) as client:
             resp = client.post(base + "/api/v1/challenge")
             if resp.status_code != 200:
                 raise _error(resp)
@@ -77,15 +94,28 @@ class PeerApi:
 
     def __init__(self, url: str, credential: str, verify: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
-        self.client = httpx.AsyncClient(
+        self._verify = verify
+        self._credential = credential
+        self.client = self._new_client()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {credential}"},
+            headers={"Authorization": f"Bearer {self._credential}"},
             timeout=httpx.Timeout(10.0, read=None),
-            verify=verify if verify else True,
+            verify=_trust(self.url, self._verify),
         )
 
     def set_credential(self, credential: str) -> None:
+        self._credential = credential
         self.client.headers["Authorization"] = f"Bearer {credential}"
+
+    async def reconnect(self) -> None:
+        """Forget pooled connections (the underlay changed: a kept-alive connection from an address we no
+        longer have is dead, though TCP has not noticed, and a new request sent on it would hang)."""
+        old, self.client = self.client, self._new_client()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.aclose(), 2.0)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -122,7 +152,8 @@ class PeerApi:
     async def stream(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Yield (event, data) from the map stream until it ends; raises CoordinatorError on failure."""
         try:
-            async with self.client.stream("GET", "/api/v1/peer/stream") as resp:
+            timeout = httpx.Timeout(10.0, read=STREAM_SILENCE)
+            async with self.client.stream("GET", "/api/v1/peer/stream", timeout=timeout) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise _error(resp)

@@ -21,20 +21,21 @@ import ipaddress
 import json
 import logging
 import platform
-import random
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 from agent import __version__, netlink
+from agent.backoff import Backoff
 from agent.client import CoordinatorError, PeerApi, enroll
 from agent.config import AgentConfig, AgentState, write_private
 from agent.control import ControlServer
 from agent.endpoints import LocalEndpoints
 from agent.firewall import Firewall, FirewallError, FirewallMapError
 from agent.keys import KeySource, public_key_of
+from agent.latency import HandshakeLatency
 from agent.link import PeerLink
 from agent.nat.fallback import Fallback, SignalLink
 from agent.netmap import MapChange, MapGap, NetworkMap
@@ -51,14 +52,6 @@ from starling_proto.netmap import FullMap, MapMessage, UnsupportedMapVersion, pa
 from starling_proto.wire import is_mesh_ipv4
 
 log = logging.getLogger("starling.agent")
-RECONNECT_CAP = 4.0  # seconds: the control plane is picked up again within ~5 s of its return
-
-
-def backoff_delays(start: float = 0.2, cap: float = RECONNECT_CAP) -> Iterator[float]:
-    delay = start
-    while True:
-        yield random.uniform(0, delay)  # noqa: S311 - full jitter
-        delay = min(delay * 2, cap)
 
 
 class Agent:
@@ -108,7 +101,11 @@ class Agent:
         routes = KernelRoutes(backend.interface, state_file=config.state_dir / "routing.json")
         self.routing = RouteDriver(routes, backend.interface)
         self.map_redial = asyncio.Event()  # set: drop the map stream now and reconnect (roaming)
+        self.map_backoff = Backoff()  # the one reconnect policy (agent.backoff, docs/agent.md)
+        self.device_ready = asyncio.Event()  # set: guard and WireGuard up, cached map applied (run())
         self.rotation = KeyRotator(self)
+        # Per-peer latency: WireGuard handshake round trips on the data path (agent/latency.py).
+        self.latency = HandshakeLatency(lambda: self.endpoints.port, lambda: [lk.conn for lk in self.links.values()])
 
     @property
     def map_cache(self) -> Path:
@@ -124,28 +121,34 @@ class Agent:
         self.loop.set_exception_handler(_loop_exception)
         self.private_key = self.keys.load()
         self.public_key = public_key_of(self.private_key)
-        # Fail closed: the guard (drop everything on the mesh interface) is in place before any peer.
-        try:
-            await asyncio.to_thread(self.firewall.install_guard)
-        except FirewallError as exc:
-            log.error("firewall guard: %s (retrying)", exc)
-            self.firewall_pending = True
-        await asyncio.to_thread(self.backend.up, self.private_key, self.config.port)
-        self.endpoints.set_port(await asyncio.to_thread(self.backend.listen_port) or self.config.port)
-        cached = self._load_cached_map()
-        if cached is not None:
-            await self._apply(cached, initial=True)
+        # The map stream and signal are dialled at once, while the guard and WireGuard come up; the
+        # first map is applied only once both are in place (`device_ready`, set below).
+        self._tasks = [
+            asyncio.create_task(self._follow_map(), name="map"),
+            asyncio.create_task(self.signalling.run(), name="signal"),
+        ]
+        # Handshake timing (peer latency) listens before WireGuard's first handshakes go out.
+        self._tasks.append(asyncio.create_task(self.latency.run(), name="latency"))
         control = ControlServer(self.config.control_socket, self)
-        await control.start()
+        try:
+            await self._device_up()
+            cached = self._load_cached_map()
+            if cached is not None:
+                await self._apply(cached, initial=True)
+            self.device_ready.set()
+            await control.start()
+        except BaseException:
+            await self._stop_tasks()
+            await self.signalling.close()
+            await self.api.close()
+            raise
         if self.config.metrics_listen:
             from agent.metrics import serve_metrics
 
             serve_metrics(self.config.metrics_listen, self.status)
-        self._tasks = [
-            asyncio.create_task(self._follow_map(), name="map"),
+        self._tasks += [
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._reporter(), name="reporter"),
-            asyncio.create_task(self.signalling.run(), name="signal"),
             asyncio.create_task(self.endpoints.keep_mapping(self.signalling.reoffer_all), name="nat"),
         ]
         log.info(
@@ -158,11 +161,7 @@ class Agent:
         try:
             await self.stop_event.wait()
         finally:
-            for task in self._tasks:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self._stop_tasks()
             await control.stop()
             await self.signalling.close()
             await self.api.close()
@@ -178,6 +177,29 @@ class Agent:
             else:
                 self.backend.close()
             self.firewall.close()
+
+    async def _device_up(self) -> None:
+        """The firewall guard and the WireGuard device, side by side (each waits on its own process: nft,
+        wireguard-go). Fail closed all the same: no peer is configured before both are done, and a device
+        we adopt (restart) keeps the previous run's ruleset until the guard replaces it."""
+
+        async def guard() -> None:
+            try:
+                await asyncio.to_thread(self.firewall.install_guard)
+            except FirewallError as exc:
+                log.error("firewall guard: %s (retrying)", exc)
+                self.firewall_pending = True
+
+        await asyncio.gather(guard(), asyncio.to_thread(self.backend.up, self.private_key, self.config.port))
+        self.endpoints.set_port(await asyncio.to_thread(self.backend.listen_port) or self.config.port)
+
+    async def _stop_tasks(self) -> None:
+        """Cancel the agent's tasks and wait for each to end (none is left pending)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def request_stop(self, remove: bool = False) -> None:
         self.remove_on_exit = self.remove_on_exit or remove
@@ -197,15 +219,17 @@ class Agent:
         write_private(self.map_cache, self.map.to_full().to_json())
 
     async def _follow_map(self) -> None:
-        delays = backoff_delays()
+        backoff = self.map_backoff
         while True:
             try:
                 async for event, data in _until(self.api.stream(), self.map_redial):
                     if event in ("map", "delta"):
                         if not self.management.connected:
                             self.management.set(True)
-                            delays = backoff_delays()
-                        await self._apply(parse_map_message(data))  # WireFormatError: nothing changed
+                            backoff.reset()
+                        message = parse_map_message(data)  # WireFormatError: nothing changed
+                        await self.device_ready.wait()  # only at start-up: the map came before the device
+                        await self._apply(message)
                         if event == "map" and self.map.me and self.map.me.public_key != self.public_key:
                             await self.rotation.present()
                     elif event == "deleted":
@@ -218,7 +242,8 @@ class Agent:
                 if self.map_redial.is_set():
                     self.map_redial.clear()
                     self.management.set(False, "the underlay network changed: reconnecting")
-                    delays = backoff_delays()
+                    await self.api.reconnect()  # pooled connections from the old address are dead
+                    backoff.reset()
                     continue
                 raise CoordinatorError("map stream ended")
             except MapGap as exc:
@@ -234,12 +259,14 @@ class Agent:
             except CoordinatorError as exc:
                 self.management.set(False, str(exc))
                 if exc.status == 401 and await self._relogin():
-                    delays = backoff_delays()
+                    backoff.reset()
                     continue
             except (ValueError, KeyError, TypeError) as exc:
                 self.management.set(False, f"bad map message: {exc}")
                 log.error("bad map message from the coordinator: %s", exc)
-            await asyncio.sleep(next(delays))
+            delay = backoff.next()
+            log.debug("coordinator: next map stream attempt in %.2fs", delay)
+            await asyncio.sleep(delay)
 
     async def _relogin(self) -> bool:
         """The coordinator refused our credential (restored database, credential reset): log in again with a
@@ -270,25 +297,33 @@ class Agent:
         me = self.map.me
         if me is None:
             raise ValueError("the first map message was not a full map")
+        self.signalling.url_known.set()  # signal may dial now (the map may carry its URL), while we configure
         prefix = ipaddress.IPv4Network(me.mesh_prefix or f"{me.mesh_ip}/32", strict=False)
         address = (me.mesh_ip, prefix.prefixlen)
-        if address != self._address:
-            await asyncio.to_thread(netlink.ensure_address, self.backend.interface, *address)
-            self._address = address
-        if change.firewall or change.routes or self.firewall_pending:
-            await self._apply_firewall()
         endpoints = self.endpoints
+        # Our address, the firewall and (before the first offers, so that they carry it; bounded: 1 s) our
+        # public mapping, side by side: none needs another, and peers are configured only once all are done.
+        steps: list[Awaitable[object]] = []
+        if address != self._address:
+            steps.append(self._set_address(address))
+        if change.firewall or change.routes or self.firewall_pending:
+            steps.append(self._apply_firewall())
         if change.added and endpoints.reflexive.address is None and endpoints.reflexive.last_error is None:
-            # Learn our public mapping before the first offers, so they carry it (bounded: 1 s).
-            await endpoints.refresh_reflexive(limit=1.0)
+            steps.append(endpoints.refresh_reflexive(limit=1.0))
+        for result in await asyncio.gather(*steps, return_exceptions=True):  # all end before we go on
+            if isinstance(result, BaseException):
+                raise result
         await self._reconcile(change)
         if change.routes or change.added or change.removed or change.firewall:
             await self._route()
         if endpoints.reflexive.address is None and endpoints.stun_servers():
             endpoints.wakeup.set()
-        self.signalling.url_known.set()
         if not initial:
             await asyncio.to_thread(self._save_map)
+
+    async def _set_address(self, address: tuple[str, int]) -> None:
+        await asyncio.to_thread(netlink.ensure_address, self.backend.interface, *address)
+        self._address = address
 
     async def _reconcile(self, change: MapChange) -> None:
         """Links follow the map: removed peers are closed, changed ones updated (a new key is swapped in
@@ -524,6 +559,7 @@ class Agent:
                 "stun_servers": [f"{h}:{p}" for h, p in self.endpoints.stun_servers()],
             },
             "routing": self.routing.status(self._names()),
+            "latency": self.latency.status(),
             "uptime": time.time() - self.started,
             "peers": sorted((link.conn.status() for link in self.links.values()), key=lambda p: p["name"]),
         }
@@ -593,11 +629,29 @@ async def _until(stream: AsyncIterator[Any], stop: asyncio.Event) -> AsyncIterat
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     # aioice retransmits STUN on timers that may fire after their socket closed (a finished probe,
-    # a dropped relay): harmless, and not worth a traceback in the agent's log.
-    if "Transaction.__retry" in repr(context.get("handle")):
-        log.debug("late STUN retransmission on a closed ICE socket ignored")
+    # a dropped relay, an outage): not worth a traceback in the agent's log, but the transaction must end.
+    handle = context.get("handle")
+    if "Transaction.__retry" in repr(handle):
+        ended = _end_transaction(handle)
+        log.debug("late STUN retransmission on a closed ICE socket%s", " (transaction ended)" if ended else "")
         return
     loop.default_exception_handler(context)
+
+
+def _end_transaction(handle: object) -> bool:
+    """The retransmission timer of an aioice STUN transaction raised (its socket is closed): the timer
+    is not re-armed and nothing answers, so the transaction's future would stay pending for ever, and
+    with it the task awaiting it (an ICE check, a TURN refresh or allocation), until the garbage
+    collector destroys that task ("Task was destroyed but it is pending"). End it as aioice ends a
+    transaction nobody answers: TransactionTimeout, which its callers handle."""
+    transaction = getattr(getattr(handle, "_callback", None), "__self__", None)
+    future = getattr(transaction, "_Transaction__future", None)
+    if not isinstance(future, asyncio.Future) or future.done():
+        return False
+    from aioice.stun import TransactionTimeout
+
+    future.set_exception(TransactionTimeout())
+    return True
 
 
 def _iso(ts: float) -> str | None:

@@ -108,7 +108,8 @@ class CoordinatorConfig(_Strict):
     secrets: dict[str, Any] = Field(default_factory=lambda: {"source": "config"})
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
-    stream_heartbeat: float = Field(15.0, gt=0)
+    # Agents treat 60 s without a byte on the map stream as a dead connection (agent.client.STREAM_SILENCE).
+    stream_heartbeat: float = Field(15.0, gt=0, le=45)
     maintenance_interval: float = Field(5.0, gt=0)
     signal_token_ttl: int = Field(600, ge=30, le=86400)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)

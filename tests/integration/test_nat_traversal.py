@@ -244,6 +244,13 @@ def test_roaming_to_another_network_recovers(nat_mesh: Mesh) -> None:
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{nat_mesh.diagnose('e2', 'e1')}") from None
     print(f"roaming recovered after {recovered:.1f} s (goal 5 s; re-plugging took {moved:.1f} s)")
+    # The map stream follows too (a kept-alive connection from the old address once hung it for good:
+    # e1 then missed every later map, its TURN credential expired and routes never reached it).
+    e1 = nat_mesh.agents["e1"]
+    with nat_mesh.api() as api:
+        assert api.patch("/api/v1/settings", json={"dns_domain": "roamed.mesh.test"}).status_code == 200
+        serial = api.get(f"/api/v1/peers/{e1.peer_id}/map").json()["serial"]
+    wait_for(lambda: e1.status().get("map_serial", -1) >= serial, 20, what="e1 follows the map after roaming")
 
 
 def test_malformed_nat_messages_from_a_peer_change_nothing(nat_mesh: Mesh) -> None:
