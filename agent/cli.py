@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -18,17 +19,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.client import CoordinatorError, enroll
 from agent.config import AgentConfig, AgentConfigError, AgentState, ensure_state_dir, load_config, save_config
 from agent.control import ControlError, call
-from agent.keys import FileKeySource, KeyError_, generate_private_key
-from agent.vault_keys import make_key_source
-from agent.wg import WireGuardError
+from agent.keys import FileKeySource, KeyError_, KeySource, generate_private_key, make_key_source
+from agent.wg import WireGuardBackend, WireGuardError
+
+if TYPE_CHECKING:
+    from agent.wg.userspace import UserspaceBackend
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_NOT_RUNNING = 1, 2, 3, 4, 5
 SYSTEMD_UNIT = "starling-agent.service"
@@ -80,6 +84,21 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("peer", help="peer name, id or public key; or an IPv4 address outside the mesh")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.add_argument("--state-dir", type=Path)
+    netcheck = sub.add_parser(
+        "netcheck",
+        help="measure UDP reachability, the NAT's mapping behaviour and each relay's latency (no agent needed)",
+    )
+    netcheck.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a STUN/TURN server to probe (stun:|turn:|turns:HOST:PORT[?transport=tcp]); repeatable; "
+        "added to the relays of the agent's cached map",
+    )
+    netcheck.add_argument("--no-map", action="store_true", help="probe only the --server URLs, not the cached map's")
+    netcheck.add_argument("--json", action="store_true", help="machine-readable output")
+    netcheck.add_argument("--state-dir", type=Path)
     key = sub.add_parser("key", help="the WireGuard key: show it, or reload it from the key source (rotation)")
     key_sub = key.add_subparsers(dest="key_command", required=True)
     reload_ = key_sub.add_parser(
@@ -179,40 +198,99 @@ def cmd_up(args: argparse.Namespace) -> int:
         private = fresh_key
     else:
         private = keys.load()
+    here = args.foreground or not _systemd_available()  # the daemon runs in this process
+    early: UserspaceBackend | None = None
     if existing is None or setup_key:
         if not setup_key and fresh_key is not None:
             raise CliError("--setup-key is required to enroll this host", EXIT_USAGE)
-        # Sealed with our private key: a known key logs in on that proof alone, a new one needs the setup key.
-        body: dict[str, Any] = {
-            "hostname": config.hostname or socket.gethostname(),
-            "os": f"{platform.system()} {platform.release()}",
-            "agent_version": __version__,
-        }
-        if setup_key:
-            body["setup_key"] = setup_key
+        fresh_dir = not config.state_dir.exists()
+        if here:
+            early = _start_early(config)
         try:
-            result = enroll(config.management_url, private, body, verify=config.tls_context())
-        except CoordinatorError as exc:
-            if exc.status == 403 and not setup_key:
-                raise CliError(f"--setup-key is required to enroll this host ({exc})", EXIT_USAGE) from exc
-            code = EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED if exc.status in (401, 403) else EXIT_RUNTIME
-            raise CliError(f"enrollment failed: {exc}", code) from exc
-        ensure_state_dir(config.state_dir)
-        if fresh_key is not None and isinstance(keys, FileKeySource):
-            from agent.config import write_private
-
-            write_private(keys.path, fresh_key + "\n")
-        peer = result["peer"]
-        state = AgentState(config.management_url, peer["id"], peer["name"], peer["mesh_ip"], result["credential"])
-        state.save(state_file)
-        verb = "logged in" if result.get("login") else "enrolled"
-        print(f"{verb} as {peer['name']} ({peer['mesh_ip']}) in {config.management_url}")
+            _enroll(config, state_file, keys, private, fresh_key, setup_key)
+        except BaseException:
+            if early is not None:
+                _abort_early(early, config.state_dir if fresh_dir else None)  # nothing is left behind
+            raise
     save_config(config, config_path(args))
-    if not args.foreground and _systemd_available():
+    if not here:
         _start_systemd(config_path(args))
         print(f"started {SYSTEMD_UNIT}")
         return 0
-    return run_daemon(config)
+    return run_daemon(config, early)
+
+
+def _start_early(config: AgentConfig) -> UserspaceBackend | None:
+    """What the daemon needs next, started while we enroll: its modules are imported in a thread (they
+    are not needed to enroll; the thread runs while we wait for the coordinator), and wireguard-go (the
+    userspace backend) is started, for the key is known before enrollment. The caller aborts it if
+    enrollment fails."""
+    threading.Thread(target=_import_daemon, name="prefetch", daemon=True).start()
+    if config.backend != "userspace":
+        return None  # auto probes the kernel first: the daemon decides
+    from agent.wg.userspace import UserspaceBackend
+
+    backend = UserspaceBackend(config.interface, log_dir=config.state_dir / "logs")
+    try:
+        return backend if backend.start() else None
+    except WireGuardError:
+        return None  # the daemon starts it (and reports why it cannot)
+
+
+def _abort_early(backend: UserspaceBackend, created: Path | None) -> None:
+    """Enrollment failed: stop the early wireguard-go (its link and socket go) and remove its log, and the
+    state directory if it was made for it."""
+    backend.abort()
+    if backend.log_dir is not None:
+        (backend.log_dir / f"wireguard-go-{backend.interface}.log").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            backend.log_dir.rmdir()
+    if created is not None:
+        with contextlib.suppress(OSError):
+            created.rmdir()  # only if empty
+
+
+def _import_daemon() -> None:
+    # The daemon first (the next thing the main thread needs), then what the device set-up needs.
+    for module in ("agent.daemon", "pyroute2"):
+        with contextlib.suppress(Exception):  # the real import reports any problem
+            importlib.import_module(module)
+
+
+def _enroll(
+    config: AgentConfig,
+    state_file: Path,
+    keys: KeySource,
+    private: str,
+    fresh_key: str | None,
+    setup_key: str,
+) -> None:
+    """Enroll (setup key) or log in with our key; writes the key, state and nothing else on success."""
+    # Sealed with our private key: a known key logs in on that proof alone, a new one needs the setup key.
+    body: dict[str, Any] = {
+        "hostname": config.hostname or socket.gethostname(),
+        "os": f"{platform.system()} {platform.release()}",
+        "agent_version": __version__,
+    }
+    if setup_key:
+        body["setup_key"] = setup_key
+    try:
+        result = enroll(config.management_url, private, body, verify=config.tls_context())
+    except CoordinatorError as exc:
+        if exc.status == 403 and not setup_key:
+            raise CliError(f"--setup-key is required to enroll this host ({exc})", EXIT_USAGE) from exc
+        code = EXIT_UNREACHABLE if exc.status == 0 else EXIT_REFUSED if exc.status in (401, 403) else EXIT_RUNTIME
+        raise CliError(f"enrollment failed: {exc}", code) from exc
+    ensure_state_dir(config.state_dir)
+    if fresh_key is not None and isinstance(keys, FileKeySource):
+        from agent.config import write_private
+
+        write_private(keys.path, fresh_key + "\n")
+    peer = result["peer"]
+    state = AgentState(config.management_url, peer["id"], peer["name"], peer["mesh_ip"], result["credential"])
+    state.save(state_file)
+    verb = "logged in" if result.get("login") else "enrolled"
+    print(f"{verb} as {peer['name']} ({peer['mesh_ip']}) in {config.management_url}")
 
 
 def _set_exit_node(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -250,7 +328,8 @@ def _start_systemd(config: Path) -> None:
 
 
 # ----- daemon ---------------------------------------------------------------------------------
-def run_daemon(config: AgentConfig) -> int:
+def run_daemon(config: AgentConfig, backend: WireGuardBackend | None = None) -> int:
+    """The daemon in this process; `backend`: one `up` started already (wireguard-go during enrollment)."""
     from agent.daemon import Agent
     from agent.wg.detect import make_backend
 
@@ -260,7 +339,8 @@ def run_daemon(config: AgentConfig) -> int:
         raise CliError(f"not enrolled (no {config.state_file}): run `starling up` first", EXIT_USAGE)
     keys = make_key_source(config.key_source, config.state_dir)
     keys.load()  # fail before touching the network if the key is unusable
-    backend = make_backend(config.backend, config.interface, config.state_dir)
+    if backend is None:
+        backend = make_backend(config.backend, config.interface, config.state_dir)
     agent = Agent(config, state, keys, backend)
 
     async def main() -> None:
@@ -370,6 +450,54 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else EXIT_RUNTIME
 
 
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    """`starling netcheck`: exit 0 when the check ran (whatever it found), 2 when there is nothing to probe."""
+    from agent.netcheck import Netcheck, format_report, parse_url
+
+    config = load(args)
+    for url in args.server:
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise CliError(f"--server {exc}", EXIT_USAGE) from exc
+    urls: list[str] = list(args.server)
+    sources = [f"--server ({len(args.server)})"] if args.server else []
+    cache = config.state_dir / "map.json"
+    if not args.no_map:
+        map_urls = _cached_map_urls(cache)
+        if map_urls is not None:
+            urls += [u for u in map_urls if u not in urls]
+            sources.append(f"{cache} ({len(map_urls)} URL(s))")
+    if not urls:
+        raise CliError(
+            f"no STUN/TURN server to probe: no relays in {cache} (is this host enrolled?); pass --server URL",
+            EXIT_USAGE,
+        )
+    wireguard_mapping = None
+    with contextlib.suppress(ControlError, KeyError, TypeError):
+        status = call(config.control_socket, {"cmd": "status"}, timeout=2)["status"]
+        wireguard_mapping = status["nat"]["reflexive"]["address"]
+    check = Netcheck(urls, sources, tls=config.tls_context(), wireguard_mapping=wireguard_mapping)
+    report = asyncio.run(check.run())
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cached_map_urls(path: Path) -> list[str] | None:
+    """The relay URLs of the agent's cached map (None: no readable map there)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    urls: list[str] = []
+    relays = data.get("relays") if isinstance(data, dict) else None
+    for relay in relays if isinstance(relays, list) else []:
+        for url in relay.get("urls", []) if isinstance(relay, dict) else []:
+            if isinstance(url, str) and url not in urls:
+                urls.append(url)
+    return urls
+
+
 def format_route_explain(data: dict[str, Any]) -> str:
     lines = [data["verdict"]]
     route = data.get("route")
@@ -403,12 +531,21 @@ def format_explain(data: dict[str, Any]) -> str:
     ]
     if peer["proxied"]:
         lines.append(f"  selected pair:      {peer['local_candidate']} -> {peer['remote_candidate']}")
-        lines.append(f"  relay server:       {peer['relay_server'] or '- (direct pair through the proxy)'}")
+        lines.append(f"  relay server:       {_relay_text(peer) or '- (direct pair through the proxy)'}")
     if peer.get("last_error"):
         lines.append(f"  last error:         {peer['last_error']}")
     lines.append("  history:" if data["history"] else "  history: no fallback needed (direct candidates worked)")
     lines += [f"    {h}" for h in data["history"]]
     return "\n".join(lines)
+
+
+def _relay_text(peer: dict[str, Any]) -> str:
+    """ "relayed via 198.19.0.1:443 (tls)": the relay of a relayed path and how we reach it."""
+    server = peer.get("relay_server")
+    if not server:
+        return ""
+    transport = peer.get("relay_transport")
+    return f"relayed via {server}" + (f" ({transport})" if transport else "")
 
 
 def _ago(ts: float | None) -> str:
@@ -464,6 +601,19 @@ def _routing_lines(routing: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _latency_text(peer: dict[str, Any]) -> str:
+    if peer.get("latency_ms") is None:
+        return "- (no handshake measured yet)"
+    return f"{peer['latency_ms']:.1f} ms (WireGuard handshake round trip, {_ago(peer.get('latency_at'))})"
+
+
+def _latency_lines(latency: dict[str, Any] | None) -> list[str]:
+    """A line only when latency cannot be measured here (e.g. no CAP_NET_RAW)."""
+    if latency and latency.get("error"):
+        return [f"Latency:     NOT MEASURED: {latency['error']}"]
+    return []
+
+
 def format_status(status: dict[str, Any], *, detail: bool) -> str:
     mgmt, sig = status["management"], status["signal"]
     peers = status["peers"]
@@ -478,6 +628,7 @@ def format_status(status: dict[str, Any], *, detail: bool) -> str:
         "Firewall:    " + _firewall_line(status.get("firewall", {})),
         "NAT:         " + _nat_line(status.get("nat", {})),
         *_routing_lines(status.get("routing") or {}),
+        *_latency_lines(status.get("latency")),
     ]
     if detail:
         for p in peers:
@@ -493,15 +644,13 @@ def format_status(status: dict[str, Any], *, detail: bool) -> str:
                 *(
                     [
                         f"    ICE pair:       {p['local_candidate']} -> {p['remote_candidate']}",
-                        f"    relay server:   {p['relay_server'] or '-'}",
+                        f"    relay server:   {_relay_text(p) or '-'}",
                     ]
                     if p.get("proxied")
                     else []
                 ),
                 f"    transfer:       {p['rx_bytes']} B received, {p['tx_bytes']} B sent",
-                f"    latency:        {p['latency_ms']:.1f} ms"
-                if p["latency_ms"] is not None
-                else "    latency:        -",
+                "    latency:        " + _latency_text(p),
             ]
     return "\n".join(lines)
 
@@ -519,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_explain(args)
         if args.command == "key":
             return cmd_key(args)
+        if args.command == "netcheck":
+            return cmd_netcheck(args)
         return cmd_status(args)
     except CliError as exc:
         print(f"starling: {exc}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Key sources: where the agent's WireGuard private key comes from.
 
 `KeySource` is the interface; `FileKeySource` keeps the key in a 0600 file (generated on first use);
-`agent.vault_keys.VaultKeySource` reads it from Vault/OpenBao KV v2 with AppRole (`make_key_source` there
-picks one from agent.yaml's `key_source`). `load()` gives the
+`agent.vault_keys.VaultKeySource` reads it from Vault/OpenBao KV v2 with AppRole (`make_key_source` picks
+one from agent.yaml's `key_source`; the Vault module is imported only for a Vault source). `load()` gives the
 key at start-up (a source may fall back to a cached copy); `reload()` asks the source again for key
 rotation and never falls back.
 """
@@ -12,10 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from agent.config import write_private
 
@@ -26,7 +25,7 @@ class KeyError_(Exception):
 
 def public_key_of(private_b64: str) -> str:
     raw = decode_key(private_b64)
-    pub = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    pub = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
     return base64.b64encode(pub).decode()
 
 
@@ -45,7 +44,7 @@ def private_key_object(private_b64: str) -> X25519PrivateKey:
 
 
 def generate_private_key() -> str:
-    raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    raw = X25519PrivateKey.generate().private_bytes_raw()
     clamped = bytearray(raw)
     clamped[0] &= 248
     clamped[31] = (clamped[31] & 127) | 64
@@ -104,3 +103,15 @@ class FileKeySource:
         if self.path.stat().st_mode & 0o077:
             raise KeyError_(f"private key file {self.path} is readable by others: chmod 600 it")
         return text
+
+
+def make_key_source(spec: dict[str, Any], state_dir: Path) -> KeySource:
+    """The key source agent.yaml's `key_source` names: `file` (default) or `vault`."""
+    kind = spec.get("type", "file")
+    if kind == "file":
+        return FileKeySource(Path(spec.get("path", state_dir / "private.key")))
+    if kind == "vault":
+        from agent.vault_keys import VaultKeySource
+
+        return VaultKeySource(spec, state_dir)
+    raise KeyError_(f"key_source.type {kind!r} is not supported (file, vault)")

@@ -222,7 +222,11 @@ class PeerLink:
             conn.reverify(self.clock.time(), self.clock.monotonic(), self.nat.controlling(conn))
             return
         if self.nat.controlling(conn):
-            await self.wg.set_peer(self.config(endpoint))
+            # A peer that never completed a handshake is re-created: traffic into the tunnel before it
+            # had an endpoint (our pings to its mesh IP, an application) made WireGuard try once and fail
+            # ("no known endpoint"), after which it would not initiate again for 5 s.
+            stats = (await self.wg.peers()).get(conn.public_key)
+            await self.point(endpoint, fresh=stats is None or not stats.last_handshake)
             return
         # The controlled side follows FOLLOW_DELAY later. Two handshake initiations that cross each
         # other leave both WireGuard ends waiting (each drops the response to its own initiation),

@@ -37,6 +37,11 @@ class AgentCollector(Collector):
         rx = CounterMetricFamily("starling_agent_peer_received_bytes", "Bytes received from a peer", labels=["peer"])
         tx = CounterMetricFamily("starling_agent_peer_sent_bytes", "Bytes sent to a peer", labels=["peer"])
         changes = CounterMetricFamily("starling_agent_path_changes", "Path state changes per peer", labels=["peer"])
+        latency = GaugeMetricFamily(
+            "starling_agent_peer_latency_seconds",
+            "Round trip of the last WireGuard handshake with a peer (agent/latency.py); absent until measured",
+            labels=["peer"],
+        )
         relayed = CounterMetricFamily(
             "starling_agent_relayed_bytes", "Bytes carried through a TURN relay", labels=["peer", "direction"]
         )
@@ -48,9 +53,11 @@ class AgentCollector(Collector):
             rx.add_metric([p["name"]], p["rx_bytes"])
             tx.add_metric([p["name"]], p["tx_bytes"])
             changes.add_metric([p["name"]], p["path_changes"])
+            if p["latency_ms"] is not None:
+                latency.add_metric([p["name"]], p["latency_ms"] / 1000)
             relayed.add_metric([p["name"], "sent"], p["relayed_sent_bytes"])
             relayed.add_metric([p["name"], "received"], p["relayed_received_bytes"])
-        yield from (path, age, rx, tx, changes, relayed)
+        yield from (path, age, rx, tx, changes, relayed, latency)
         for service, connected in (
             ("management", st["management"]["connected"]),
             ("signal", st["signal"]["connected"]),

@@ -1,16 +1,21 @@
-"""Links, addresses and routes of the mesh interface, through pyroute2's IPRoute (rtnetlink)."""
+"""Links, addresses and routes of the mesh interface, through pyroute2's IPRoute (rtnetlink).
+
+pyroute2 is imported on first use, not with this module: `import pyroute2` loads every netlink family
+it knows (~0.1-0.2 s of CPU), and `starling up` must not pay for it before it enrolls. Whether a link
+exists is answered without it (`if_nametoindex`)."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 import select
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 log = logging.getLogger("starling.agent")
 
@@ -21,6 +26,8 @@ class NetlinkError_(Exception):
 
 @contextmanager
 def iproute() -> Iterator[IPRoute]:
+    from pyroute2 import IPRoute
+
     ipr = IPRoute()
     try:
         yield ipr
@@ -29,9 +36,11 @@ def iproute() -> Iterator[IPRoute]:
 
 
 def link_index(name: str) -> int | None:
-    with iproute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
+    """The link's index in this network namespace, None when there is no such link."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:  # ENODEV: no such link (also for names the kernel would refuse)
+        return None
 
 
 def link_exists(name: str) -> bool:
@@ -50,6 +59,8 @@ def set_up(name: str, mtu: int | None = None) -> None:
 
 
 def delete_link(name: str) -> bool:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with iproute() as ipr:
         idx = ipr.link_lookup(ifname=name)
         if not idx:
@@ -103,6 +114,9 @@ class AddressWatch:
     def __init__(self) -> None:
         self._ipr: IPRoute | None = None
         try:
+            from pyroute2 import IPRoute
+            from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+
             ipr = IPRoute()
             ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK)
             self._ipr = ipr

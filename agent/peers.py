@@ -112,7 +112,8 @@ class PeerConnection:
     last_handshake: float = 0.0
     rx_bytes: int = 0
     tx_bytes: int = 0
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # the last WireGuard handshake round trip (agent.latency)
+    latency_at: float = 0.0  # unix time of that measurement (0: none yet)
     next_offer_at: float = 0.0
     offer_backoff: float = 1.0
     last_error: str | None = None
@@ -129,6 +130,7 @@ class PeerConnection:
     proxied: bool = False  # WireGuard talks to a local proxy over an ICE pair (agent.nat.fallback)
     relayed: bool = False  # ... and that pair goes through a TURN relay
     relay_server: str | None = None
+    relay_transport: str | None = None  # how we reach the relay of a relayed path: udp, tcp or tls
     local_candidate: str | None = None
     remote_candidate: str | None = None
     nat: PeerNat = field(default_factory=PeerNat)  # ICE sessions, relay proxy (driven by agent.nat.fallback)
@@ -139,6 +141,8 @@ class PeerConnection:
         self.state = state
         self.since = time.time()
         self.path_changes += 1
+        if state in (PathState.DIRECT, PathState.RELAYED):
+            self.last_error = None  # the path works (again): what went wrong before is history
         return True
 
     def remote_candidates(self, candidates: list[Candidate], local_nets: list[ipaddress.IPv4Network]) -> str | None:
@@ -264,6 +268,7 @@ class PeerConnection:
             "endpoint": self.endpoint,
             "proxied": self.proxied,
             "relay_server": self.relay_server,
+            "relay_transport": self.relay_transport,
             "local_candidate": self.local_candidate,
             "remote_candidate": self.remote_candidate,
             "candidates": [c.to_wire() for c in self.candidates],
@@ -271,6 +276,7 @@ class PeerConnection:
             "rx_bytes": self.rx_bytes,
             "tx_bytes": self.tx_bytes,
             "latency_ms": self.latency_ms,
+            "latency_at": self.latency_at or None,
             "since": self.since,
             "path_changes": self.path_changes,
             "last_error": self.last_error,

@@ -1,9 +1,10 @@
 """Asyncio client of the signal service: keeps one authenticated WebSocket open and exchanges
 end-to-end encrypted messages (offers, answers, candidates) with other peers through it.
 
-`run()` is the connect loop: a fresh token from `token_provider` before every attempt, exponential
-backoff with full jitter between attempts (0.2 s doubling to a 10 s cap; reset once connected; capped
-at 1 s for 30 s after signal announced a restart with close 1012/1001). Incoming boxes are opened with
+`run()` is the connect loop: a fresh token from `token_provider` before every attempt, the agent's one
+reconnect policy between attempts (agent.backoff, docs/agent.md: full jitter, 0.2 s doubling to a 4 s
+cap, reset once connected; capped at 1 s for 30 s after signal announced a restart with close
+1012/1001; at the cap after close 4409, replaced). Incoming boxes are opened with
 `SignalCrypto`; bad ones are logged and counted in `stats`, never raised. See docs/signal.md.
 The frames are the contract in `starling_proto.signal`, shared with the signal service.
 """
@@ -16,7 +17,6 @@ import binascii
 import contextlib
 import json
 import logging
-import random
 import secrets
 import ssl as ssl_module
 import time
@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from agent import __version__
+from agent.backoff import RECONNECT_BASE, RECONNECT_CAP, RESTART_CAP, Backoff
 from agent.signal_crypto import SignalCrypto, SignalCryptoError
 from starling_proto.signal import (
     CLOSE_GOING_AWAY,
@@ -76,28 +77,6 @@ def is_peer_key(value: str) -> bool:
     return len(raw) == 32 and base64.b64encode(raw).decode() == value
 
 
-class Backoff:
-    """Exponential backoff with full jitter: attempt k waits uniform(0, min(cap, base * 2**k))."""
-
-    def __init__(self, base: float, cap: float, rng: Callable[[], float] = random.random) -> None:
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-        self._rng = rng
-
-    def next(self, cap: float | None = None) -> float:
-        limit = min(self.cap if cap is None else min(cap, self.cap), self.base * 2.0**self.attempt)
-        self.attempt = min(self.attempt + 1, 32)
-        return self._rng() * limit
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-    def exhaust(self) -> None:
-        """Jump to the cap (used after being replaced by another connection with our key)."""
-        self.attempt = 32
-
-
 class SignalClient:
     def __init__(
         self,
@@ -107,9 +86,9 @@ class SignalClient:
         on_message: MessageHandler,
         on_offline: OfflineHandler | None = None,
         *,
-        min_backoff: float = 0.2,
-        max_backoff: float = 10.0,
-        restart_backoff: float = 1.0,
+        min_backoff: float = RECONNECT_BASE,
+        max_backoff: float = RECONNECT_CAP,
+        restart_backoff: float = RESTART_CAP,
         restart_window: float = 30.0,
         open_timeout: float = 5.0,
         token_timeout: float = 15.0,
@@ -140,6 +119,7 @@ class SignalClient:
         self._stop = asyncio.Event()
         self._running = False
         self._finished = asyncio.Event()
+        self.changed = asyncio.Event()  # set when `connected` changes (the owner clears it)
         self.last_error: str | None = None
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
@@ -257,7 +237,7 @@ class SignalClient:
             self._fail(f"cannot get a signal token: {exc or type(exc).__name__}")
             return
         options: dict[str, Any] = {}
-        if self._ssl is not None:
+        if self._ssl is not None and self.url.startswith("wss://"):  # websockets refuses ssl= for ws://
             options["ssl"] = self._ssl
         try:
             async with connect(
@@ -289,6 +269,7 @@ class SignalClient:
             raise FrameError(f"signal admitted us as {first.peer}, not {self._crypto.public_key} (stale token?)")
         self._max_frame = first.max_frame
         self._ws = ws
+        self.changed.set()
         self._backoff.reset()
         self.last_error = None
         self.stats["connects"] += 1
@@ -300,6 +281,7 @@ class SignalClient:
             pass
         finally:
             self._ws = None
+            self.changed.set()
         self._closed(ws.close_code, ws.close_reason or "")
 
     def _closed(self, code: int | None, reason: str) -> None:

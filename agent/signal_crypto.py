@@ -30,7 +30,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 INFO = b"starling-signal v1"
 VERSION = 1
@@ -192,7 +191,7 @@ class SignalCrypto:
             if len(private_key) != KEY_BYTES:
                 raise ValueError("private key must be 32 raw bytes")
             self._private = X25519PrivateKey.from_private_bytes(private_key)
-        self._public_raw = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self._public_raw = self._private.public_key().public_bytes_raw()
         self.public_key = base64.b64encode(self._public_raw).decode()
         self.window = window
         self.skew = skew

@@ -112,25 +112,33 @@ class Signalling:
         self.client.redial("key rotated")
 
     async def run(self) -> None:
-        """Connect to signal and keep connected; offer to the peers waiting whenever it (re)connects."""
-        from agent.signal_client import SignalClient
-        from agent.signal_crypto import SignalCrypto
-
+        """Connect to signal and keep connected; offer to the peers waiting whenever it (re)connects. A new
+        URL in the map (coordinator `signal_url`) is dialled instead of the old one."""
         while True:
+            await self._serve(await self._wait_url())
+
+    async def _wait_url(self) -> str:
+        while True:
+            self.url_known.clear()  # before reading: a map applied from here on wakes the wait below
             url = self.url()
             if url:
-                break
+                return url
             self.status.set(False, "no signal URL (coordinator settings.signal_url or agent signal_url)")
-            self.url_known.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
                     await self.url_known.wait()
 
+    async def _serve(self, url: str) -> None:
+        """One client for `url`, until the URL changes (or cancellation)."""
+        from agent.signal_client import SignalClient
+        from agent.signal_crypto import SignalCrypto
+
         crypto = SignalCrypto(decode_key(self.private_key()))
         self.client = client = SignalClient(url, self.token, crypto, self.on_message, self.on_offline, ssl=self.tls)
-        runner = asyncio.create_task(client.run())
+        runner = asyncio.create_task(client.run(), name="signal-client")
         try:
             while True:
+                client.changed.clear()  # before reading: a change from here on wakes the wait below
                 connected = bool(client.connected)
                 if connected and (self._reoffer_pending or not self.status.connected):
                     everyone, self._reoffer_pending = self._reoffer_pending, False
@@ -138,8 +146,18 @@ class Signalling:
                         if everyone or link.conn.state not in (PathState.DIRECT, PathState.RELAYED):
                             await link.offer_now()
                 self.status.set(connected, client.last_error)
-                await asyncio.sleep(0.05)
+                wanted = self.url()
+                if wanted and wanted != url:
+                    log.info("signal URL changed: %s -> %s", url, wanted)
+                    self.status.set(False, f"signal URL changed to {wanted}: reconnecting")
+                    return
+                with contextlib.suppress(TimeoutError):  # woken at once when the connection comes or goes
+                    async with asyncio.timeout(0.5):
+                        await client.changed.wait()
         finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(3):
+                    await client.close()  # a polite close; the runner ends with it
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner

@@ -44,6 +44,7 @@ class NatStatus(TypedDict):
 class ProxyStatus(TypedDict):
     listen: str
     pair: str
+    transport: str  # how our side reaches the TURN relay: udp, tcp or tls
     to_peer_bytes: int
     from_peer_bytes: int
     to_peer_packets: int
@@ -74,6 +75,16 @@ class FirewallStatus(TypedDict):
     drift_detection: str
 
 
+class LatencyStatus(TypedDict):
+    """How peer latency is measured (agent.latency) and whether that works here."""
+
+    method: str
+    active: bool
+    error: str | None
+    samples: int  # handshake round trips attributed to a peer since start
+    unattributed: int  # ... whose remote address matched no peer's endpoint
+
+
 class PeerStatus(TypedDict):
     peer_id: str
     name: str
@@ -83,13 +94,15 @@ class PeerStatus(TypedDict):
     endpoint: str | None
     proxied: bool
     relay_server: str | None
+    relay_transport: str | None  # relayed: how we reach the relay (udp, tcp, tls)
     local_candidate: str | None
     remote_candidate: str | None
     candidates: list[CandidateWire]
     last_handshake: float | None
     rx_bytes: int
     tx_bytes: int
-    latency_ms: float | None
+    latency_ms: float | None  # the last WireGuard handshake round trip (agent.latency)
+    latency_at: float | None  # when it was measured (unix time)
     since: float
     path_changes: int
     last_error: str | None
@@ -154,6 +167,7 @@ class AgentStatus(TypedDict):
     firewall: FirewallStatus
     nat: NatStatus
     routing: RoutingStatus
+    latency: LatencyStatus
     uptime: float
     peers: list[PeerStatus]
 

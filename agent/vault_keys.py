@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import write_private
-from agent.keys import FileKeySource, KeyError_, KeySource, decode_key
+from agent.keys import KeyError_, decode_key
 from starling_proto import vault
 
 log = logging.getLogger(__name__)
@@ -250,13 +250,3 @@ def _opt_path(spec: dict[str, Any], key: str) -> Path | None:
     if not isinstance(value, str):
         raise KeyError_(f"key_source.{key} must be a file path")
     return Path(value)
-
-
-def make_key_source(spec: dict[str, Any], state_dir: Path) -> KeySource:
-    """The key source agent.yaml's `key_source` names: `file` (default) or `vault`."""
-    kind = spec.get("type", "file")
-    if kind == "file":
-        return FileKeySource(Path(spec.get("path", state_dir / "private.key")))
-    if kind == "vault":
-        return VaultKeySource(spec, state_dir)
-    raise KeyError_(f"key_source.type {kind!r} is not supported (file, vault)")

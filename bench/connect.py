@@ -23,8 +23,12 @@ peer), the WireGuard handshake (UAPI last_handshake_time, ns resolution) and the
 Agents are split into "early" (enrolled first: its first map is empty, the other peer arrives as a
 delta) and "late" (its first map already holds the other peer).
 
+Before/after: `--against DIR` also runs the agent from another source tree (e.g. the last commit:
+`git archive HEAD | tar -x -C DIR`), alternating with this one in the same lab, with the same
+coordinator and signal, so that both see the same machine load; it prints both and their ratio.
+
 Run as root from the repository root:
-    PYTHONPATH=. .venv/bin/python bench/connect.py [--runs 10] [--json FILE] [--keep]
+    PYTHONPATH=. .venv/bin/python bench/connect.py [--runs 10] [--json FILE] [--keep] [--against DIR]
 No timing asserts; goals (p50 <= 0.5 s, p95 <= 1 s) are printed as MET / MISSED. Everything the
 bench creates (namespaces, bridge, processes, sockets, temp dir) is removed at the end, also after
 a failure, Ctrl-C or SIGTERM.
@@ -651,6 +655,34 @@ def interpreter_floor(bench: Bench, reps: int = 3) -> dict[str, float]:
 
 
 # ----- report -----------------------------------------------------------------------------------
+def milestone_medians(runs: list[RunResult]) -> dict[str, dict[str, float]]:
+    medians: dict[str, dict[str, float]] = {"early": {}, "late": {}}
+    for key, _label in MILESTONES:
+        for role in ("early", "late"):
+            vals = [ag["t"][key] for r in runs if r.ok for ag in r.detail["agents"]
+                    if ag["role"] == role and key in ag["t"]]
+            medians[role][key] = statistics.median(vals) if vals else float("nan")
+    return medians
+
+
+def report_against(now: list[RunResult], before: list[RunResult], tree: Path) -> dict[str, Any]:
+    """This tree's agent against another tree's, run alternately in the same lab."""
+    sn, sb = summary([r.seconds for r in now if r.ok]), summary([r.seconds for r in before if r.ok])
+    print()
+    print(f"This tree against {tree} ({len(now)} runs each, alternating)")
+    print(f"{'':18}{'this tree':>14}{'against':>14}{'ratio this/against':>22}")
+    for key in ("min", "p50", "p95", "max", "mean"):
+        ratio = sn[key] / sb[key] if sb[key] and sb[key] == sb[key] else float("nan")
+        print(f"{key:18}{fmt_s(sn[key]):>14}{fmt_s(sb[key]):>14}{ratio:>20.2f} x")
+    print(f"{'failed runs':18}{len(now) - sn['n']:>14}{len(before) - sb['n']:>14}")
+    mn, mb = milestone_medians(now), milestone_medians(before)
+    print(f"{'milestone medians, ms after t0 (early/late agent)':52}{'this tree':>16}{'against':>16}")
+    for key, label in MILESTONES:
+        cells = [f"{m['early'][key] * 1000:6.0f}/{m['late'][key] * 1000:<6.0f}" for m in (mn, mb)]
+        print(f"  {label:50}{cells[0]:>16}{cells[1]:>16}")
+    return {"tree": str(tree), "this": sn, "against": sb, "milestones_this": mn, "milestones_against": mb}
+
+
 def report(agent: list[RunResult], base: list[RunResult], floor: dict[str, float]) -> dict[str, Any]:
     a_ok = [r.seconds for r in agent if r.ok]
     b_ok = [r.seconds for r in base if r.ok]
@@ -688,6 +720,25 @@ def report(agent: list[RunResult], base: list[RunResult], floor: dict[str, float
             "goals": {"p50": verdict(g1), "p95": verdict(g2)}}
 
 
+def against_run(tree: Path, bench: Bench, index: int, args: argparse.Namespace) -> RunResult:
+    """One agent run with the agent (both `up` processes) from another source tree."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    # The agents inherit both (Host.popen); PYTHONSAFEPATH keeps the current directory (this tree) off
+    # their sys.path, which would otherwise come before PYTHONPATH.
+    os.environ.update(PYTHONPATH=str(tree.resolve()), PYTHONSAFEPATH="1")
+    try:
+        result = agent_run(bench, index, args.timeout, args.interval, args.log_level, args.wg_log_level,
+                           args.ping_delay)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    result.kind = "against"
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10, help="measured runs of each kind (default 10)")
@@ -699,11 +750,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ping-delay", type=float, default=0.0,
                     help="start pinging only this many s after t0 (diagnosis: is it our pings that trigger "
                          "WireGuard's first handshake attempt?)")
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help="also run the agent from this source tree (e.g. `git archive HEAD | tar -x -C DIR`), "
+                         "alternating with this one, and compare")
     ap.add_argument("--json", type=Path, help="write all numbers to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (agent logs)")
     args = ap.parse_args(argv)
-    if args.runs < 1 or 4 * (args.runs + args.warmup) + 1 > MAX_HOSTS:
-        ap.error(f"--runs must be 1..{MAX_HOSTS // 4 - args.warmup - 1}")
+    per_run = 6 if args.against else 4  # namespaces per iteration
+    if args.runs < 1 or per_run * (args.runs + args.warmup) + 1 > MAX_HOSTS:
+        ap.error(f"--runs must be 1..{MAX_HOSTS // per_run - args.warmup - 1}")
+    if args.against and not (args.against / "agent" / "cli.py").is_file():
+        ap.error(f"--against {args.against}: not a source tree (no agent/cli.py)")
     for tool in ("wireguard-go", "wg", "ip"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
@@ -713,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="starling-bench-connect-"))
     agent: list[RunResult] = []
     base: list[RunResult] = []
+    other: list[RunResult] = []
     try:
         with bench_lab(workdir) as bench:
             bench.policy("bench-bench", "bench", "bench")
@@ -724,20 +782,30 @@ def main(argv: list[str] | None = None) -> int:
                 a = agent_run(bench, i, args.timeout, args.interval, args.log_level, args.wg_log_level,
                               args.ping_delay)
                 b = baseline_run(bench, i, args.timeout, args.interval)
+                o: RunResult | None = None
+                if args.against:
+                    o = against_run(args.against, bench, 1000 + i, args)
                 tag = "warm-up" if warm else f"run {i - args.warmup + 1:2d}"
-                print(f"{tag}: agent {fmt_s(a.seconds)}   baseline {fmt_s(b.seconds)}   load {loadavg()}"
-                      + ("" if a.ok else "   AGENT FAILED") + ("" if b.ok else "   BASELINE FAILED"), flush=True)
+                print(f"{tag}: agent {fmt_s(a.seconds)}   baseline {fmt_s(b.seconds)}"
+                      + (f"   against {fmt_s(o.seconds)}" if o is not None else "") + f"   load {loadavg()}"
+                      + ("" if a.ok else "   AGENT FAILED") + ("" if b.ok else "   BASELINE FAILED")
+                      + ("" if o is None or o.ok else "   AGAINST FAILED"), flush=True)
                 if not a.ok:
                     for name, tail in a.detail.get("log_tails", {}).items():
                         print(f"--- {name} log tail ---\n{tail}")
                 if not warm:
                     agent.append(a)
                     base.append(b)
+                    if o is not None:
+                        other.append(o)
         result = report(agent, base, floor)
+        if args.against:
+            result["against"] = report_against(agent, other, args.against)
         if args.json:
             doc = {"bench": "connect", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                    "loadavg_end": loadavg(), "summary": result,
-                   "runs": [r.__dict__ for r in agent + base]}
+                   "runs": [r.__dict__ for r in agent + base],
+                   "against_runs": [r.__dict__ for r in other]}
             args.json.write_text(json.dumps(doc, indent=2, default=str))
             print(f"\nwrote {args.json}")
     finally:

@@ -27,11 +27,24 @@ def credential_window(ttl: int, now: float | None = None) -> tuple[int, int]:
     return window + ttl, window + step
 
 
+def advertised(url: str) -> str:
+    """A relay URL as the map carries it. `turns:` (TURN over TLS) always says `?transport=tcp`:
+    agents before TCP/TLS support skip every URL that does, but would take a bare `turns:host:443`
+    for a UDP STUN server. Everything else goes out as configured."""
+    if url.lower().startswith("turns:") and "?" not in url:
+        return f"{url}?transport=tcp"
+    return url
+
+
 def relay_credentials(
     secret: str, peer_name: str, servers: tuple[str, ...] | list[str], ttl: int, now: float | None = None
 ) -> tuple[RelayCredential, ...]:
+    """One credential for all of the mesh's relay URLs (`mesh.turn_servers`), in their configured order:
+    `turn:H:3478?transport=udp`, `turn:H:3478?transport=tcp`, `turns:H:443?transport=tcp`, `stun:H:3478`.
+    Agents try UDP first, then TCP, then TLS (agent/nat/transport.py)."""
     if not servers:
         return ()
     expiry, _ = credential_window(ttl, now)
     username = f"{expiry}:{peer_name}"
-    return (RelayCredential(tuple(servers), username, turn_password(secret, username), expiry),)
+    urls = tuple(advertised(u) for u in servers)
+    return (RelayCredential(urls, username, turn_password(secret, username), expiry),)

@@ -47,6 +47,4 @@ def is_low_order(raw: bytes) -> bool:
 
 
 def public_key_b64(private: X25519PrivateKey) -> str:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    return base64.b64encode(private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+    return base64.b64encode(private.public_key().public_bytes_raw()).decode()

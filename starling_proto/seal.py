@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from starling_proto.keys import KeyFormatError, decode_public_key
 
@@ -72,7 +71,7 @@ def _unb64(value: object, what: str) -> bytes:
 
 
 def _raw_public(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return private.public_key().public_bytes_raw()
 
 
 def _keys(purpose: str, challenge: str, publics: Sequence[bytes], server: bytes, shared: Sequence[bytes]) -> bytes:

@@ -10,6 +10,12 @@ with one `sendto` each way and no task, coroutine or queue per packet:
   peer's relayed address.
 - peer -> WireGuard: the ICE socket's protocol gets the payload (aioice already stripped the TURN
   framing); STUN (consent checks) still goes to aioice, everything else is sent to WireGuard.
+- TURN over TCP or TLS (our relay reached over a stream because UDP to it is blocked): the same
+  ChannelData, padded to a multiple of four bytes (RFC 8656 §12.5), written to the stream; the
+  stream is cut back into messages by `agent.nat.stream.ChannelStream` (installed on aioice's TURN
+  client when the session gathered). A stream never drops, it queues: when more than
+  `STREAM_BACKLOG` bytes wait to be written, further datagrams are dropped as UDP would drop them
+  (WireGuard's inner TCP slows down instead of the queue growing), and counted in `dropped`.
 
 Socket buffers are enlarged on both ends. Counters feed `starling status` and the metrics.
 """
@@ -25,12 +31,15 @@ import time
 from typing import Any, cast
 
 from aioice.ice import StunProtocol
+from aioice.turn import TurnClientTcpProtocol
 
 from agent.nat.ice import SelectedPair
+from agent.nat.stream import channel_frame
 from agent.status import ProxyStatus
 
 log = logging.getLogger("starling.agent.relay")
 BUFFER = 4 * 1024 * 1024
+STREAM_BACKLOG = 256 * 1024  # bytes waiting in a TURN-over-TCP/TLS stream before datagrams are dropped
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 
 
@@ -84,6 +93,7 @@ class PairProxy:
         self.last_heard = time.monotonic()  # any datagram from the peer: data or ICE consent checks
         self._inner: Any = None
         self._turn_socket: asyncio.DatagramTransport | None = None
+        self._turn_stream: asyncio.WriteTransport | None = None  # TURN over TCP/TLS
         self._original_receive: Any = None
 
     async def start(self) -> int:
@@ -95,8 +105,11 @@ class PairProxy:
         protocol = self.pair.protocol
         if self.pair.local_type == "relay":
             self._inner = _turn_inner(protocol)
-            self._turn_socket = self._inner.transport
-            _grow_buffers(self._turn_socket.get_extra_info("socket") if self._turn_socket else None)
+            if isinstance(self._inner, TurnClientTcpProtocol):  # (asyncio's UDP transports are WriteTransports too)
+                self._turn_stream = self._inner.transport  # TCP or TLS: the kernel sizes its buffers
+            else:
+                self._turn_socket = self._inner.transport
+                _grow_buffers(self._turn_socket.get_extra_info("socket") if self._turn_socket else None)
         else:
             _grow_buffers(protocol.transport.get_extra_info("socket"))
         # Take the peer->us direction: payloads that are not STUN go to WireGuard.
@@ -115,6 +128,12 @@ class PairProxy:
             channel = inner.peer_to_channel.get(self.remote)
             if channel is not None and self._turn_socket is not None:
                 self._turn_socket.sendto(struct.pack("!HH", channel, len(data)) + data)
+            elif channel is not None and self._turn_stream is not None:
+                stream = self._turn_stream
+                if stream.is_closing() or stream.get_write_buffer_size() > STREAM_BACKLOG:
+                    self.dropped += 1
+                    return
+                stream.write(channel_frame(channel, data, stream=True))
             else:
                 self.pair.protocol.transport.sendto(data, self.remote)  # binds the channel (rare)
         else:
@@ -134,6 +153,17 @@ class PairProxy:
             self.from_peer_bytes += len(payload)
 
     # ----- lifecycle --------------------------------------------------------------------------
+    @property
+    def transport(self) -> str:
+        """How our side reaches the relay ("udp", "tcp", "tls"), or "udp" when our side is no relay."""
+        return self.pair.turn_transport or "udp"
+
+    @property
+    def broken(self) -> bool:
+        """Our TURN-over-TCP/TLS stream closed (relay gone, connection reset, framing lost): the
+        allocation went with it, there is no point waiting for silence."""
+        return self._turn_stream is not None and self._turn_stream.is_closing()
+
     def close(self) -> None:
         if self._original_receive is not None:
             self.pair.protocol.datagram_received = self._original_receive  # type: ignore[method-assign]
@@ -145,6 +175,7 @@ class PairProxy:
         return {
             "listen": f"127.0.0.1:{self.port}",
             "pair": self.pair.describe(),
+            "transport": self.transport,
             "to_peer_bytes": self.to_peer_bytes,
             "from_peer_bytes": self.from_peer_bytes,
             "to_peer_packets": self.to_peer_packets,

@@ -31,6 +31,10 @@ class PeerNat:
     renewals: int = 0  # moves to a new TURN allocation because the credential was ageing
     proxy: PairProxy | None = None
     relay_server: str | None = None
+    relay_transport: str | None = None  # how the last negotiation reaches its relay: udp, tcp, tls
+    turn_unreachable: str | None = None  # no TURN endpoint answered the last probes: which and why
+    last_pick: str = ""  # the last probe summary noted in the history (not repeated every attempt)
+    next_transport_check: float = 0.0  # while on TURN over TCP/TLS: next look for UDP to the relay
     next_attempt: float = 0.0
     failures: int = 0
     next_probe: float = 0.0
@@ -42,6 +46,9 @@ class PeerNat:
     next_renewal: float = 0.0
     relayed_sent: int = 0  # bytes through closed relay proxies (the open one adds its own counters)
     relayed_received: int = 0
+    # Replaced proxies (with their sessions) that still carry what arrives on the old pair until the
+    # monotonic deadline: the peer moves to the new pair a moment after us (make before break, both ends).
+    retiring: list[tuple[PairProxy, IceSession | None, float]] = field(default_factory=list)
     history: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=60))
 
     def note(self, text: str) -> None:
@@ -55,6 +62,7 @@ class PeerNat:
     def relayed_bytes(self) -> tuple[int, int]:
         """(sent, received) through TURN relays for this peer since it joined our map."""
         sent, received = self.relayed_sent, self.relayed_received
-        if self.proxy is not None and self.proxy.pair.relayed:
-            sent, received = sent + self.proxy.to_peer_bytes, received + self.proxy.from_peer_bytes
+        for proxy in [self.proxy] + [p for p, _, _ in self.retiring]:
+            if proxy is not None and proxy.pair.relayed:
+                sent, received = sent + proxy.to_peer_bytes, received + proxy.from_peer_bytes
         return sent, received

@@ -27,15 +27,45 @@ class UserspaceBackend(WireGuardBackend):
         self.log_dir = log_dir
         self.uapi = UapiClient(interface)
         self.process: subprocess.Popen[bytes] | None = None
+        self._started = 0.0  # monotonic time wireguard-go was started
 
     def _socket_ready(self) -> bool:
         return (SOCKET_DIR / f"{self.interface}.sock").exists() and netlink.link_exists(self.interface)
 
+    def start(self) -> bool:
+        """Start wireguard-go now without waiting for its socket (`up()` waits), so that its start-up runs
+        while the agent enrolls. False when there is nothing to start (a device to adopt, or started).
+        `abort()` undoes it."""
+        if self.process is not None or self._socket_ready():
+            return False
+        self._spawn()
+        return True
+
     def up(self, private_key: str, listen_port: int) -> None:
-        if not self._socket_ready():
+        if self.process is None and not self._socket_ready():
             self._spawn()
+        if self.process is not None:
+            self._wait_ready()
         self.uapi.set([f"private_key={key_to_hex(private_key)}", f"listen_port={int(listen_port)}", f"fwmark={FWMARK}"])
         netlink.set_up(self.interface, mtu=1280)
+
+    def abort(self) -> None:
+        """Stop the wireguard-go that `start()` started and remove what it created (enrollment failed:
+        nothing may be left behind)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()  # wireguard-go closes its TUN device (the link goes) and its socket
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        if netlink.link_exists(self.interface):
+            netlink.delete_link(self.interface)
+        if not netlink.link_exists(self.interface):
+            (SOCKET_DIR / f"{self.interface}.sock").unlink(missing_ok=True)
 
     def _spawn(self) -> None:
         if not os.path.exists(self.binary):
@@ -59,14 +89,20 @@ class UserspaceBackend(WireGuardBackend):
         finally:
             if log is not None:
                 log.close()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+        self._started = time.monotonic()
+
+    def _wait_ready(self) -> None:
+        """Until the wireguard-go we started has its link and UAPI socket (5 s from its start)."""
+        assert self.process is not None
+        deadline = self._started + 5
+        while True:
             if self.process.poll() is not None:
                 raise WireGuardError(f"{self.interface}: wireguard-go exited with {self.process.returncode}")
             if self._socket_ready():
                 return
-            time.sleep(0.01)
-        raise WireGuardError(f"{self.interface}: wireguard-go did not create its UAPI socket in 5 s")
+            if time.monotonic() >= deadline:
+                raise WireGuardError(f"{self.interface}: wireguard-go did not create its UAPI socket in 5 s")
+            time.sleep(0.005)
 
     def set_private_key(self, private_key: str) -> None:
         self.uapi.set([f"private_key={key_to_hex(private_key)}"])

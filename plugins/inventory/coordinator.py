@@ -18,6 +18,9 @@ description:
     C(starling_public_key), C(starling_groups) (coordinator group names), C(starling_os), C(starling_version)
     (agent version), C(starling_approved), C(starling_online), C(starling_last_seen) and C(starling_paths), the
     number of the peer's tunnels per path type (C(direct), C(relayed), C(connecting), C(idle), C(lost)), types with none left out.
+  - C(starling_latency_ms) maps each peer this peer reports a measured latency to (by name; by id when that peer is
+    not in the listing) to the round trip in milliseconds of their last WireGuard handshake, as the agent measured it
+    (peers without a measurement are left out).
   - C(starling_routes) lists the routes the peer is a routing peer of (named, or through one of its groups), each
     C({name, prefix, metric, masquerade, enabled, exit_node}) sorted by name (the lowest metric when it is named
     more than once); C(starling_exit_node) is the peer it sends its internet traffic through (a peer name), or null.
@@ -152,9 +155,20 @@ def path_summary(connections):
     return counts
 
 
-def host_vars(peer, routes=None):
+def latencies(connections, names=None):
+    """{peer name (or id): latency_ms} of the connections with a measured latency."""
+    names = names or {}
+    out = {}
+    for conn in connections or []:
+        latency = conn.get("latency_ms")
+        if latency is not None and conn.get("peer_id"):
+            out[names.get(conn["peer_id"], conn["peer_id"])] = latency
+    return out
+
+
+def host_vars(peer, routes=None, names=None):
     """The starling_ host variables of one peer (plain data from the API); ``routes`` is ``index_routes`` of the
-    /routes listing."""
+    /routes listing, ``names`` maps peer ids to names (for C(starling_latency_ms))."""
     return {
         "starling_id": peer.get("id"),
         "starling_dns_name": peer.get("dns_name"),
@@ -167,6 +181,7 @@ def host_vars(peer, routes=None):
         "starling_online": bool(peer.get("connected")),
         "starling_last_seen": peer.get("last_seen"),
         "starling_paths": path_summary(peer.get("connections")),
+        "starling_latency_ms": latencies(peer.get("connections"), names),
         "starling_routes": routes_of_peer(peer, routes or index_routes([])),
         "starling_exit_node": peer.get("exit_node"),
     }
@@ -263,6 +278,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         host_source = self.get_option("ansible_host")
         prefix = self.get_option("group_prefix") or ""
         route_index = index_routes(routes)
+        names = dict((p.get("id"), p.get("name")) for p in peers if p.get("id") and p.get("name"))
         online = inventory.add_group("starling_online")
         offline = inventory.add_group("starling_offline")
         made = {}
@@ -271,7 +287,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             if not name:
                 continue
             host = inventory.add_host(name)
-            hvars = host_vars(peer, route_index)
+            hvars = host_vars(peer, route_index, names)
             if host_source != "none":
                 value = peer.get(host_source)
                 if value:

@@ -57,7 +57,7 @@ def mesh(coordinator: CoordinatorProcess) -> Iterator[dict[str, Any]]:
     stream.next(timeout=10)  # first map: web-1 is connected now
     report = {
         "connections": [
-            {"peer_id": peers["web-2"]["id"], "path": "direct", "rx_bytes": 1, "tx_bytes": 2},
+            {"peer_id": peers["web-2"]["id"], "path": "direct", "rx_bytes": 1, "tx_bytes": 2, "latency_ms": 1.25},
             {"peer_id": peers["db-1"]["id"], "path": "relayed", "rx_bytes": 0, "tx_bytes": 0},
         ]
     }

@@ -6,13 +6,15 @@ one namespace per agent. Groups alpha, beta, gamma; policies alpha<->beta and be
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.mesh import Mesh, control_plane, wait_for
+from agent.backoff import RECONNECT_CAP
+from tests.fixtures.mesh import AgentHandle, Mesh, control_plane, wait_for
 from tests.fixtures.netns import netlab
 
 pytestmark = pytest.mark.slow
@@ -112,21 +114,84 @@ def test_a_new_peer_becomes_reachable(mesh: Mesh) -> None:
     assert not mesh.can_ping("d", "c", wait=0.5)
 
 
+OUTAGE = 10.0  # s: long enough for every agent's waits to reach the reconnect cap (0.2 s doubling to 4 s)
+WAIT_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ [\w.]+: "
+    r"(coordinator: next map stream attempt|signal: next connection attempt) in ([\d.]+)s$"
+)
+
+
+def logged_waits(agent: AgentHandle, since: float, until: float) -> dict[str, list[float]]:
+    """The reconnect waits an agent logged (debug) between two times: its schedule during an outage."""
+    waits: dict[str, list[float]] = {"coordinator": [], "signal": []}
+    for line in (agent.workdir / "agent.log").read_text(errors="replace").splitlines():
+        m = WAIT_LINE.match(line)
+        if m:
+            at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+            if since <= at <= until:
+                waits[m.group(3).split(":")[0]].append(float(m.group(4)))
+    return waits
+
+
 def test_traffic_survives_coordinator_and_signal_outage_and_updates_resume(mesh: Mesh) -> None:
+    """Tunnels carry traffic through a control-plane outage; afterwards every agent's map stream and signal
+    connection are back within ~5 s of the services' return (the one reconnect policy: waits capped at
+    4 s, docs/agent.md). Prints each agent's reconnection times; asserts on the waits each agent logged
+    during the outage (the schedule) and only a generous bound on the times."""
     mesh.wait_ping("a", "b", 15, what="a -> b")
+    for name, handle in mesh.agents.items():
+
+        def signal_up(h: AgentHandle = handle) -> bool:
+            return bool(h.status().get("signal", {}).get("connected"))
+
+        wait_for(signal_up, 15, what=f"{name} signal connected")
+    down = time.time()
     mesh.coordinator.stop()
-    mesh.signal.stop()
+    # Signal dies without its close frame (1012 would make clients retry on a 1 s cap for 30 s): the
+    # agents' plain schedule is what is measured.
+    assert mesh.signal.process is not None
+    mesh.signal.process.kill()
+    mesh.signal.process.wait(10)
+    mesh.signal.process = None
     try:
         wait_for(lambda: not mesh.agents["a"].status()["management"]["connected"], 10, what="a sees the outage")
         for _ in range(5):
             assert mesh.can_ping("a", "b"), "traffic stopped while the control plane was down"
         status = mesh.agents["a"].cli("status").stdout
         assert "Management:  DISCONNECTED" in status
+        while time.time() - down < OUTAGE:
+            assert mesh.can_ping("a", "b"), "traffic stopped while the control plane was down"
+            time.sleep(0.5)
     finally:
         mesh.coordinator.start()
+        coordinator_back = time.time()  # healthy (start() waited for it)
         mesh.signal.start()
-    resumed = wait_for(lambda: mesh.agents["a"].status()["management"]["connected"], 10, what="a reconnects")
-    assert resumed < 6
+        signal_back = time.time()  # healthy: it has the coordinator's signing key
+    back: dict[str, dict[str, float]] = {}
+    for name, agent in mesh.agents.items():
+
+        def reconnected(agent: AgentHandle = agent) -> bool:
+            st = agent.status()
+            return bool(st.get("management", {}).get("connected") and st.get("signal", {}).get("connected"))
+
+        wait_for(reconnected, 20, what=f"{name} reconnects to the coordinator and signal")
+        st = agent.status()
+        back[name] = {
+            "management": max(0.0, st["management"]["since"] - coordinator_back),
+            "signal": max(0.0, st["signal"]["since"] - signal_back),
+        }
+    print(f"outage {signal_back - down:.1f} s; reconnected after the services' return (s):")
+    for name, t in back.items():
+        print(f"  {name}: map stream {t['management']:.2f}, signal {t['signal']:.2f}")
+    print(f"  max over agents: {max(max(t.values()) for t in back.values()):.2f} (goal <= 5 s)")
+    for name, agent in mesh.agents.items():
+        waits = logged_waits(agent, down, signal_back)
+        print(f"  {name} waits during the outage: coordinator {waits['coordinator']}, signal {waits['signal']}")
+        assert waits["coordinator"] and waits["signal"], f"{name} logged no reconnect attempts"
+        # The schedule itself: no wait over the cap (it was 10 s for signal), whatever the jitter drew.
+        assert max(waits["coordinator"] + waits["signal"]) <= RECONNECT_CAP, (name, waits)
+    # A generous bound on the times (cap + connection set-up on a loaded machine), not the goal itself.
+    assert max(max(t.values()) for t in back.values()) <= RECONNECT_CAP + 2.5, back
     pid = policy_id(mesh, "alpha-beta")
     with mesh.api() as api:
         api.patch(f"/api/v1/policies/{pid}", json={"enabled": False})

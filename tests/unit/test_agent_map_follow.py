@@ -57,10 +57,12 @@ class ScriptedApi:
 
     def __init__(self, events: list[tuple[str, Any]]) -> None:
         self.events = events
+        self.drained = asyncio.Event()  # set: the agent asked for the event after the last (all handled)
 
     async def stream(self) -> AsyncIterator[tuple[str, Any]]:
         for event in self.events:
             yield event
+        self.drained.set()
         await asyncio.Event().wait()
 
     async def close(self) -> None:
@@ -80,6 +82,7 @@ def make_agent(tmp_path: Path, events: list[tuple[str, Any]]) -> tuple[Agent, Re
     agent = Agent(config, state, FileKeySource(tmp_path / "key"), backend)
     agent.api = ScriptedApi(events)  # type: ignore[assignment]
     agent._address = ("100.64.0.2", 16)  # the interface address is "set": no netlink in a unit test
+    agent.device_ready.set()  # what run() does once the guard and WireGuard are up
     return agent, backend
 
 
@@ -146,12 +149,16 @@ async def test_links_follow_the_map_added_rotated_removed_and_stale_peers(tmp_pa
     }
     agent, backend = make_agent(tmp_path, [("map", first)])
     backend.configured["STALE" + "A" * 38 + "="] = PeerConfig("STALE" + "A" * 38 + "=", ())  # not in any map
-    await follow_until(agent, lambda: agent.map.serial == first["serial"])
+    api = agent.api
+    assert isinstance(api, ScriptedApi)
+    # Handled to the end (reconciled), not only parsed: the serial is set before the links are made.
+    await follow_until(agent, lambda: agent.map.serial == first["serial"] and api.drained.is_set())
     assert set(agent.links) == {p["id"] for p in peers}
     assert set(backend.configured) == {p["public_key"] for p in peers}  # the stale peer went with the full map
     links = dict(agent.links)
-    agent.api = ScriptedApi([("delta", delta)])  # type: ignore[assignment]
-    await follow_until(agent, lambda: agent.map.serial == delta["serial"])
+    api = ScriptedApi([("delta", delta)])
+    agent.api = api  # type: ignore[assignment]
+    await follow_until(agent, lambda: agent.map.serial == delta["serial"] and api.drained.is_set())
     # The rotated peer keeps its link (path, relay state); its new key carries the allowed IPs and
     # its old key stays without them for OLD_KEY_GRACE (packets queued for it still leave).
     p0 = agent.links[peers[0]["id"]]
