@@ -7,8 +7,8 @@
 #   - default_ulimits = [] (otherwise setrlimit fails when a container starts),
 #   - networks only from 198.18.0.0/15: the default network is 198.18.0.0/24 and new networks
 #     (molecule's per-scenario ones) come from the pool 198.18.16.0/20, one /24 each,
-#   - a private CNI configuration directory, so the host's default "podman" network (10.88.0.0/16
-#     in Debian's package) is never used by these containers.
+#   - a private CNI configuration directory, so the host's default "podman" network (outside
+#     198.18.0.0/15 in Debian's package) is never used by these containers.
 # See the shared ENVIRONMENT.md, "Containers and molecule".
 #
 # Usage:  source scripts/podman-env.sh           exports CONTAINERS_CONF (and STARLING_PODMAN_STATE)

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.firewall import Firewall, FirewallError
+from tests.fixtures.netns import HelperLab, run
 
 pytestmark = pytest.mark.slow
 
@@ -82,21 +81,7 @@ elif mode == "hold":
 """
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=30)
-
-
-@dataclass
-class Lab:
-    prefix: str
-    helper: Path
-    x: int = field(default_factory=lambda: random.randint(128, 250))
-    y: int = field(default_factory=lambda: random.randint(1, 250))
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def ns(self, side: str) -> str:
-        return f"{self.prefix}{side}"
-
+class Lab(HelperLab):
     def mesh_if(self, side: str) -> str:
         return f"{self.prefix}m{'0' if side == 'a' else '1'}"
 
@@ -107,25 +92,15 @@ class Lab:
         return f"198.18.{self.x}.{1 if side == 'a' else 2}"
 
     def nft(self, side: str, *args: str, check: bool = True) -> str:
-        return sh("ip", "netns", "exec", self.ns(side), "nft", *args, check=check).stdout
+        return run("ip", "netns", "exec", self.ns(side), "nft", *args, check=check).stdout
 
     def firewall(self, side: str, **kw: Any) -> Firewall:
         kw.setdefault("nft", ["ip", "netns", "exec", self.ns(side), "nft"])
         return Firewall(self.mesh_if(side), **kw)
 
     def probe(self, side: str, *checks: tuple[str, str, int]) -> list[bool]:
-        out = sh("ip", "netns", "exec", self.ns(side), sys.executable, str(self.helper), "probe", json.dumps(checks))
+        out = run("ip", "netns", "exec", self.ns(side), sys.executable, str(self.helper), "probe", json.dumps(checks))
         return list(json.loads(out.stdout))
-
-    def popen(self, side: str, *args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(side), sys.executable, str(self.helper), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(proc)
-        return proc
 
 
 @pytest.fixture(scope="module")
@@ -140,17 +115,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     created: list[str] = []
     try:
         for side in "ab":
-            sh("ip", "netns", "add", lab.ns(side))
+            run("ip", "netns", "add", lab.ns(side))
             created.append(lab.ns(side))
         p, a, b = lab.prefix, lab.ns("a"), lab.ns("b")
-        sh("ip", "link", "add", f"{p}u0", "netns", a, "type", "veth", "peer", "name", f"{p}u1", "netns", b)
-        sh("ip", "link", "add", f"{p}m0", "netns", a, "type", "veth", "peer", "name", f"{p}m1", "netns", b)
+        run("ip", "link", "add", f"{p}u0", "netns", a, "type", "veth", "peer", "name", f"{p}u1", "netns", b)
+        run("ip", "link", "add", f"{p}m0", "netns", a, "type", "veth", "peer", "name", f"{p}m1", "netns", b)
         for side, idx in (("a", "0"), ("b", "1")):
             ns = lab.ns(side)
-            sh("ip", "-n", ns, "addr", "add", f"{lab.under_ip(side)}/30", "dev", f"{p}u{idx}")
-            sh("ip", "-n", ns, "addr", "add", f"{lab.mesh_ip(side)}/24", "dev", f"{p}m{idx}")
+            run("ip", "-n", ns, "addr", "add", f"{lab.under_ip(side)}/30", "dev", f"{p}u{idx}")
+            run("ip", "-n", ns, "addr", "add", f"{lab.mesh_ip(side)}/24", "dev", f"{p}m{idx}")
             for dev in ("lo", f"{p}u{idx}", f"{p}m{idx}"):
-                sh("ip", "-n", ns, "link", "set", dev, "up")
+                run("ip", "-n", ns, "link", "set", dev, "up")
             server = lab.popen(side, "serve")
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         yield lab
@@ -160,7 +135,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 proc.kill()
             proc.wait(5)
         for ns in created:
-            sh("ip", "netns", "del", ns, check=False)
+            run("ip", "netns", "del", ns, check=False)
 
 
 @pytest.fixture

@@ -13,19 +13,17 @@ TCP 8080 on its mesh address.
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from agent.firewall import Firewall
 from starling_proto.routes import ForwardEntry
+from tests.fixtures.netns import HelperLab, run
 
 pytestmark = pytest.mark.slow
 
@@ -60,21 +58,7 @@ else:  # probe|hold DST PORT [SRC]: print the address the server saw, or FAIL
 """
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=30)
-
-
-@dataclass
-class Lab:
-    prefix: str
-    helper: Path
-    x: int = field(default_factory=lambda: random.randint(128, 250))
-    y: int = field(default_factory=lambda: random.randint(1, 250))
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def ns(self, side: str) -> str:
-        return f"{self.prefix}{side}"
-
+class Lab(HelperLab):
     @property
     def mesh_if(self) -> str:
         return f"{self.prefix}m"
@@ -90,22 +74,12 @@ class Lab:
         return f"100.64.{self.y}.{host}"
 
     def run(self, side: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return sh("ip", "netns", "exec", self.ns(side), *cmd, check=check)
+        return run("ip", "netns", "exec", self.ns(side), *cmd, check=check)
 
     def connect(self, side: str, dst: str, port: int, src: str | None = None) -> str:
         """The source address the server saw, or FAIL."""
         args = [sys.executable, str(self.helper), "probe", dst, str(port), *([src] if src else [])]
         return self.run(side, *args).stdout.strip()
-
-    def popen(self, side: str, *args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(side), sys.executable, str(self.helper), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(proc)
-        return proc
 
     def firewall(self) -> Firewall:
         return Firewall(self.mesh_if, nft=["ip", "netns", "exec", self.ns("r"), "nft"], monitor=False)
@@ -123,12 +97,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     created: list[str] = []
     try:
         for side in "crl":
-            sh("ip", "netns", "add", lab.ns(side))
+            run("ip", "netns", "add", lab.ns(side))
             created.append(lab.ns(side))
             lab.run(side, "ip", "link", "set", "lo", "up")
         p, c, r, lan_host = lab.prefix, lab.ns("c"), lab.ns("r"), lab.ns("l")
-        sh("ip", "link", "add", lab.mesh_if, "netns", r, "type", "veth", "peer", "name", f"{p}mc", "netns", c)
-        sh("ip", "link", "add", f"{p}rl", "netns", r, "type", "veth", "peer", "name", f"{p}lh", "netns", lan_host)
+        run("ip", "link", "add", lab.mesh_if, "netns", r, "type", "veth", "peer", "name", f"{p}mc", "netns", c)
+        run("ip", "link", "add", f"{p}rl", "netns", r, "type", "veth", "peer", "name", f"{p}lh", "netns", lan_host)
         for side, dev, addresses in (
             ("r", lab.mesh_if, [f"{lab.mesh_ip(1)}/24"]),
             ("c", f"{p}mc", [f"{lab.mesh_ip(2)}/24", f"{lab.mesh_ip(3)}/24"]),
@@ -153,7 +127,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             proc.kill()
             proc.wait(5)
         for ns in created:
-            sh("ip", "netns", "del", ns, check=False)
+            run("ip", "netns", "del", ns, check=False)
 
 
 FWD_RULE = {
