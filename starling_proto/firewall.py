@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from starling_proto.routes import check_route_prefix
+from starling_proto.routes import wire_prefix
 from starling_proto.wire import WireFormatError, array, dumps, obj
 
 PROTOCOLS = ("any", "tcp", "udp", "icmp")
@@ -101,11 +101,7 @@ def _route_target(raw: dict[object, object], direction: object, where: str) -> t
     route_id = raw.get("route_id")
     if not isinstance(route_id, str) or not route_id or len(route_id) > 64:
         raise WireFormatError(f"{where}.route_id: must be a non-empty string", field=f"{where}.route_id")
-    try:
-        check_route_prefix(raw.get("prefix"))
-    except ValueError as exc:
-        raise WireFormatError(f"{where}.prefix: {exc}", field=f"{where}.prefix") from None
-    return route_id, str(raw.get("prefix"))
+    return route_id, wire_prefix(raw.get("prefix"), where)
 
 
 def _ports(protocol: str, raw: object, where: str) -> tuple[PortRange, ...]:

@@ -52,8 +52,8 @@ def check_route_prefix(value: object, mesh: ipaddress.IPv4Network = MESH) -> ipa
     return net
 
 
-def _prefix(doc: object, where: str) -> str:
-    value = obj(doc, where).get("prefix")
+def wire_prefix(value: object, where: str) -> str:
+    """`where`.prefix of a map (a route, a forward entry or a firewall rule), checked: WireFormatError otherwise."""
     try:
         check_route_prefix(value)
     except ValueError as exc:
@@ -103,7 +103,7 @@ class RouteEntry:
         return cls(
             text(doc, "id", where, empty=False, limit=64),
             text(doc, "name", where, limit=253),
-            _prefix(doc, where),
+            wire_prefix(doc.get("prefix"), where),
             tuple(RouterRef.from_wire(r, f"{where}.routers[{i}]") for i, r in enumerate(routers)),
         )
 
@@ -131,7 +131,7 @@ class ForwardEntry:
         return cls(
             text(doc, "route_id", where, empty=False, limit=64),
             text(doc, "name", where, limit=253),
-            _prefix(doc, where),
+            wire_prefix(doc.get("prefix"), where),
             flag(doc, "masquerade", where, True),
         )
 

@@ -46,6 +46,11 @@ from starling_proto.routes import EXIT_PREFIX
 from starling_proto.seal import OpenedRequest, Purpose, SealError, open_request
 
 
+def exit_node_name(peer: Peer) -> str | None:
+    """The name of the peer's chosen exit node (no query unless it has one), or None."""
+    return peer.exit_node.name if peer.exit_node_id and peer.exit_node else None
+
+
 def peer_out(peer: Peer, domain: str) -> PeerOut:
     return PeerOut(
         id=peer.id,
@@ -64,7 +69,7 @@ def peer_out(peer: Peer, domain: str) -> PeerOut:
         created_at=peer.created_at,
         connections=[ConnectionState.model_validate(c) for c in peer.connections or []],
         connections_reported_at=peer.connections_reported_at,
-        exit_node=peer.exit_node.name if peer.exit_node_id and peer.exit_node else None,
+        exit_node=exit_node_name(peer),
     )
 
 
@@ -75,7 +80,7 @@ def summary(peer: Peer) -> dict[str, Any]:
         "mesh_ip": peer.mesh_ip,
         "groups": sorted(g.name for g in peer.groups),
         "approved": peer.approved,
-        "exit_node": peer.exit_node.name if peer.exit_node_id and peer.exit_node else None,
+        "exit_node": exit_node_name(peer),
     }
 
 

@@ -4,6 +4,7 @@ is decided by policies that name it among their destinations."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -13,35 +14,41 @@ from coordinator.errors import Conflict, Invalid, NotFound, UnknownReference
 from coordinator.schemas import Page, RouteIn, RouteOut, RouterIn, RouterOut, RouteUpdate
 from coordinator.security import new_id
 from coordinator.service.context import ServiceContext
-from coordinator.service.lookup import page
+from coordinator.service.lookup import ids_by_name, names_by_id, page
 from coordinator.service.tx import Tx, route_node, utcnow
 from coordinator.store.models import Group, Peer, Policy, Route, RouteRouter
 from starling_proto.routes import EXIT_PREFIX
 
 
+def routes_out(session: Session, routes: Sequence[Route]) -> list[RouteOut]:
+    """The API view of these routes (their routers' peer and group names in one query each)."""
+    peers = names_by_id(session, Peer, (r.peer_id for route in routes for r in route.routers if r.peer_id))
+    groups = names_by_id(session, Group, (r.group_id for route in routes for r in route.routers if r.group_id))
+    return [
+        RouteOut(
+            id=route.id,
+            name=route.name,
+            description=route.description,
+            prefix=route.prefix,
+            exit_node=route.prefix == str(EXIT_PREFIX),
+            masquerade=route.masquerade,
+            enabled=route.enabled,
+            routers=[
+                RouterOut(
+                    peer=peers.get(r.peer_id) if r.peer_id else None,
+                    group=groups.get(r.group_id) if r.group_id else None,
+                    metric=r.metric,
+                )
+                for r in route.routers
+            ],
+            created_at=route.created_at,
+        )
+        for route in routes
+    ]
+
+
 def route_out(session: Session, route: Route) -> RouteOut:
-    peer_ids = [r.peer_id for r in route.routers if r.peer_id is not None]
-    group_ids = [r.group_id for r in route.routers if r.group_id is not None]
-    peers = {k: v for k, v in session.execute(select(Peer.id, Peer.name).where(Peer.id.in_(peer_ids)))}
-    groups = {k: v for k, v in session.execute(select(Group.id, Group.name).where(Group.id.in_(group_ids)))}
-    return RouteOut(
-        id=route.id,
-        name=route.name,
-        description=route.description,
-        prefix=route.prefix,
-        exit_node=route.prefix == str(EXIT_PREFIX),
-        masquerade=route.masquerade,
-        enabled=route.enabled,
-        routers=[
-            RouterOut(
-                peer=peers.get(r.peer_id) if r.peer_id else None,
-                group=groups.get(r.group_id) if r.group_id else None,
-                metric=r.metric,
-            )
-            for r in route.routers
-        ],
-        created_at=route.created_at,
-    )
+    return routes_out(session, [route])[0]
 
 
 def summary(session: Session, route: Route) -> dict[str, Any]:
@@ -71,7 +78,7 @@ class RouteService:
             if name:
                 stmt = stmt.where(Route.name == name)
             rows, nxt = page(s, stmt, Route.name, cursor, limit)
-            return Page[RouteOut](items=[route_out(s, r) for r in rows], next_cursor=nxt)
+            return Page[RouteOut](items=routes_out(s, rows), next_cursor=nxt)
 
     def get(self, route_id: str) -> RouteOut:
         with self.ctx.store.read() as s:
@@ -164,8 +171,8 @@ class RouteService:
     def _routers(session: Session, routers: list[RouterIn]) -> list[RouteRouter]:
         names = [r.peer for r in routers if r.peer is not None]
         groups = [r.group for r in routers if r.group is not None]
-        peer_ids = {k: v for k, v in session.execute(select(Peer.name, Peer.id).where(Peer.name.in_(names)))}
-        group_ids = {k: v for k, v in session.execute(select(Group.name, Group.id).where(Group.name.in_(groups)))}
+        peer_ids = ids_by_name(session, Peer, names)
+        group_ids = ids_by_name(session, Group, groups)
         out: list[RouteRouter] = []
         for i, r in enumerate(routers):
             if r.peer is not None:

@@ -213,33 +213,25 @@ class CoordinatorClient(object):
                 return item
         return None
 
+    def missing(self, collection, names):
+        """The subset of ``names`` unknown in ``collection`` (sorted): looked up one by one when few, else listed."""
+        names = sorted(set(names))
+        if not names:
+            return []
+        if len(names) <= 20:
+            return [n for n in names if self.find_by_name(collection, n) is None]
+        known = set(item["name"] for item in self.list_all(collection))
+        return [n for n in names if n not in known]
+
     def missing_peers(self, names):
         """The subset of peer ``names`` unknown to the coordinator (sorted)."""
-        names = sorted(set(names))
-        if not names:
-            return []
-        if len(names) <= 20:
-            return [n for n in names if self.find_by_name("/peers", n) is None]
-        known = set(p["name"] for p in self.list_all("/peers"))
-        return [n for n in names if n not in known]
+        return self.missing("/peers", names)
 
     def missing_groups(self, names):
-        names = sorted(set(names))
-        if not names:
-            return []
-        if len(names) <= 20:
-            return [n for n in names if self.find_by_name("/groups", n) is None]
-        known = set(g["name"] for g in self.list_all("/groups"))
-        return [n for n in names if n not in known]
+        return self.missing("/groups", names)
 
     def missing_routes(self, names):
-        names = sorted(set(names))
-        if not names:
-            return []
-        if len(names) <= 20:
-            return [n for n in names if self.find_by_name("/routes", n) is None]
-        known = set(r["name"] for r in self.list_all("/routes"))
-        return [n for n in names if n not in known]
+        return self.missing("/routes", names)
 
     @staticmethod
     def item_path(collection, item_id):

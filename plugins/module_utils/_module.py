@@ -52,6 +52,33 @@ def public_view(item, keys):
     return dict((k, item.get(k)) for k in keys if k in item)
 
 
+def over_current(params, keys, current):
+    """``{key: value}`` for ``keys``: the module parameter when given, else the current object's value (a key neither
+    has is left out, so that normalization fills its default)."""
+    data = {}
+    for key in keys:
+        value = params.get(key)
+        if value is None:
+            value = current.get(key)
+        if value is not None:
+            data[key] = value
+    return data
+
+
+def unknown_references(client, groups=(), peers=(), routes=()):
+    """Problems (``["unknown groups: a, b", ...]``) for the named groups, peers and routes the coordinator lacks."""
+    problems = []
+    for kind, names, missing in (
+        ("groups", groups, client.missing_groups),
+        ("peers", peers, client.missing_peers),
+        ("routes", routes, client.missing_routes),
+    ):
+        unknown = missing(names)
+        if unknown:
+            problems.append("unknown %s: %s" % (kind, ", ".join(unknown)))
+    return problems
+
+
 def ensure_absent(module, collection, item, before, result_key):
     """state=absent for an object found by name: delete it (not in check mode) and report the diff."""
     if item is None:

@@ -178,11 +178,8 @@ def overlap_errors(routes, others=()):
     errors = []
     routes = sorted(routes, key=lambda r: r["name"])
     for idx, route in enumerate(routes):
-        for other in routes[idx + 1:]:
+        for other in routes[idx + 1:] + [o for o in others if o["name"] != route["name"]]:
             if overlaps(route["prefix"], other["prefix"]):
-                errors.append("route %r: %s overlaps route %r (%s)" % (route["name"], route["prefix"], other["name"], other["prefix"]))
-        for other in others:
-            if other["name"] != route["name"] and overlaps(route["prefix"], other["prefix"]):
                 errors.append("route %r: %s overlaps route %r (%s)" % (route["name"], route["prefix"], other["name"], other["prefix"]))
     return errors
 

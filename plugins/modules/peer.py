@@ -115,10 +115,10 @@ diff:
 """
 
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorError
-from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, public_view
+from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule, ensure_absent, public_view
+from ansible_collections.starling.mesh.plugins.module_utils._route import EXIT_PREFIX, index_routes, routes_of_peer
 
 KEYS = ("name", "groups", "approved", "exit_node")
-EXIT_PREFIX = "0.0.0.0/0"
 
 
 def diff_view(peer):
@@ -136,13 +136,8 @@ def check_exit_node(module, peer, name):
     exit_peer = client.find_by_name("/peers", name)
     if exit_peer is None:
         module.fail_json(msg="peer %r: exit_node: unknown peer %r" % (peer["name"], name))
-    groups = set(exit_peer.get("groups") or [])
-    for route in client.list_all("/routes"):
-        if route.get("prefix") != EXIT_PREFIX:
-            continue
-        for router in route.get("routers") or []:
-            if router.get("peer") == name or (router.get("group") and router.get("group") in groups):
-                return
+    if any(r["exit_node"] for r in routes_of_peer(exit_peer, index_routes(client.list_all("/routes")))):
+        return
     module.fail_json(
         msg="peer %r: exit_node: peer %r is not an exit node: make it a routing peer of a %s route first "
         "(starling.mesh.route)" % (peer["name"], name, EXIT_PREFIX)
@@ -157,11 +152,7 @@ def run(module):
         peer = client.find_by_name("/peers", p["new_name"])
     before = diff_view(peer)
     if p["state"] == "absent":
-        if peer is None:
-            return dict(changed=False, peer={}, diff=dict(before={}, after={}))
-        if not module.check_mode:
-            client.delete(client.item_path("/peers", peer["id"]))
-        return dict(changed=True, peer={}, diff=dict(before=before, after={}))
+        return ensure_absent(module, "/peers", peer, before, "peer")
 
     if peer is None:
         module.fail_json(

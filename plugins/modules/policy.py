@@ -150,7 +150,12 @@ diff:
 """
 
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorError
-from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule
+from ansible_collections.starling.mesh.plugins.module_utils._module import (
+    StarlingModule,
+    ensure_absent,
+    over_current,
+    unknown_references,
+)
 from ansible_collections.starling.mesh.plugins.module_utils._policy import (
     POLICY_KEYS,
     PolicyDataError,
@@ -169,14 +174,7 @@ DESTINATION_SPEC = dict(ENDPOINT_SPEC, routes=dict(type="list", elements="str", 
 
 def wanted_policy(params, current):
     """The complete desired policy: parameters over the current values (or defaults)."""
-    base = comparable_policy(current) if current else {}
-    data = {"name": params["name"]}
-    for key in POLICY_KEYS[1:]:
-        value = params.get(key)
-        if value is None:
-            value = base.get(key)
-        if value is not None:
-            data[key] = value
+    data = over_current(params, POLICY_KEYS, comparable_policy(current) if current else {})
     if current is None and (params["sources"] is None or params["destinations"] is None):
         raise PolicyDataError(["policy %r: sources and destinations are required to create it" % params["name"]])
     return normalize_policy(data)
@@ -184,16 +182,7 @@ def wanted_policy(params, current):
 
 def check_references(module, policy):
     groups, peers = policy_refs(policy)
-    problems = []
-    missing = module.client.missing_groups(groups)
-    if missing:
-        problems.append("unknown groups: %s" % ", ".join(missing))
-    missing = module.client.missing_peers(peers)
-    if missing:
-        problems.append("unknown peers: %s" % ", ".join(missing))
-    missing = module.client.missing_routes(route_refs(policy))
-    if missing:
-        problems.append("unknown routes: %s" % ", ".join(missing))
+    problems = unknown_references(module.client, groups, peers, route_refs(policy))
     if problems:
         module.fail_json(msg="policy %r: %s" % (policy["name"], "; ".join(problems)))
 
@@ -204,11 +193,7 @@ def run(module):
     current = client.find_by_name("/policies", p["name"])
     before = comparable_policy(current) if current else {}
     if p["state"] == "absent":
-        if current is None:
-            return dict(changed=False, policy={}, diff=dict(before={}, after={}))
-        if not module.check_mode:
-            client.delete(client.item_path("/policies", current["id"]))
-        return dict(changed=True, policy={}, diff=dict(before=before, after={}))
+        return ensure_absent(module, "/policies", current, before, "policy")
 
     try:
         wanted = wanted_policy(p, current)

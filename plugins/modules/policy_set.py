@@ -257,38 +257,32 @@ def normalize_groups(groups):
     return out, errors
 
 
-def normalize_policies(policies):
+def _normalize_named(items, normalize, kind, where):
+    """({name: item}, errors) for declared items: each normalized (errors collected), names unique."""
     errors = []
     out = {}
-    for idx, raw in enumerate(policies):
+    for idx, raw in enumerate(items):
         try:
-            pol = normalize_policy(raw, where="policies[%d]" % idx)
+            item = normalize(raw, where="%s[%d]" % (where, idx))
         except PolicyDataError as exc:
             errors.extend(exc.errors)
             continue
-        if pol["name"] in out:
-            errors.append("policy %r is declared twice" % pol["name"])
+        if item["name"] in out:
+            errors.append("%s %r is declared twice" % (kind, item["name"]))
             continue
-        out[pol["name"]] = pol
+        out[item["name"]] = item
     return out, errors
+
+
+def normalize_policies(policies):
+    return _normalize_named(policies, normalize_policy, "policy", "policies")
 
 
 def normalize_routes(routes):
     """({name: route}, errors) for the declared routes; None when routes are not managed."""
     if routes is None:
         return None, []
-    errors = []
-    out = {}
-    for idx, raw in enumerate(routes):
-        try:
-            route = normalize_route(raw, where="routes[%d]" % idx)
-        except PolicyDataError as exc:
-            errors.extend(exc.errors)
-            continue
-        if route["name"] in out:
-            errors.append("route %r is declared twice" % route["name"])
-            continue
-        out[route["name"]] = route
+    out, errors = _normalize_named(routes, normalize_route, "route", "routes")
     if not errors:
         errors.extend(overlap_errors(out.values()))
     return out, errors
@@ -404,8 +398,6 @@ class PolicySet(object):
         errors = []
         cur_routes = cur_routes or {}
         known_groups = set(groups) if exclusive else set(groups) | set(cur_groups)
-        known_routes = set(cur_routes) if routes is None else (
-            set(routes) if exclusive else set(routes) | set(cur_routes))
         peer_refs = set()
         for name in sorted(routes or {}):
             rt_groups, rt_peers = router_refs(routes[name])
@@ -423,7 +415,7 @@ class PolicySet(object):
             if unknown:
                 hint = " (declare them under groups)" if exclusive else ""
                 errors.append("policy %r: unknown groups %s%s" % (name, ", ".join(unknown), hint))
-            unknown = sorted(route_refs(policies[name]) - known_routes)
+            unknown = sorted(route_refs(policies[name]) - self.known_routes)
             if unknown:
                 hint = " (declare them under routes)" if routes is not None and exclusive else ""
                 errors.append("policy %r: unknown routes %s%s" % (name, ", ".join(unknown), hint))
@@ -524,6 +516,15 @@ class PolicySet(object):
         cur_policies = dict((q["name"], q) for q in self.client.list_all("/policies"))
         cur_routes = dict((r["name"], r) for r in self.client.list_all("/routes"))
 
+        # the route prefixes after the change (route names: what policies and assertions may name)
+        cur_prefixes = dict((n, r.get("prefix")) for n, r in cur_routes.items())
+        new_prefixes = dict(cur_prefixes)
+        if routes is not None:
+            if exclusive:
+                new_prefixes = {}
+            new_prefixes.update((n, r["prefix"]) for n, r in routes.items())
+        self.known_routes = set(new_prefixes)
+
         errors = self.check_against_server(groups, policies, cur_groups, exclusive, routes, cur_routes)
         if errors:
             self.fail("policy_set: the declared set does not fit the coordinator, nothing was changed: " + "; ".join(errors),
@@ -533,13 +534,6 @@ class PolicySet(object):
         effective = list(policies.values())
         if not exclusive:
             effective += [comparable_policy(q) for name, q in cur_policies.items() if name not in policies]
-        cur_prefixes = dict((n, r.get("prefix")) for n, r in cur_routes.items())
-        new_prefixes = dict(cur_prefixes)
-        if routes is not None:
-            if exclusive:
-                new_prefixes = {}
-            new_prefixes.update((n, r["prefix"]) for n, r in routes.items())
-        self.known_routes = set(new_prefixes)
         reach = reach_diff(reach_map(current_set, cur_prefixes), reach_map(effective, new_prefixes))
         lines = reach_lines(reach)
 

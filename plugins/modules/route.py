@@ -136,10 +136,16 @@ diff:
 """
 
 from ansible_collections.starling.mesh.plugins.module_utils._api import CoordinatorError
-from ansible_collections.starling.mesh.plugins.module_utils._module import StarlingModule
+from ansible_collections.starling.mesh.plugins.module_utils._module import (
+    StarlingModule,
+    ensure_absent,
+    over_current,
+    unknown_references,
+)
 from ansible_collections.starling.mesh.plugins.module_utils._policy import PolicyDataError
 from ansible_collections.starling.mesh.plugins.module_utils._route import (
     EXIT_PREFIX,
+    METRIC_DEFAULT,
     ROUTE_KEYS,
     comparable_route,
     normalize_route,
@@ -150,33 +156,18 @@ from ansible_collections.starling.mesh.plugins.module_utils._route import (
 ROUTER_SPEC = dict(
     peer=dict(type="str"),
     group=dict(type="str"),
-    metric=dict(type="int", default=9999),
+    metric=dict(type="int", default=METRIC_DEFAULT),
 )
 
 
 def wanted_route(params, current):
     """The complete desired route: parameters over the current values (or defaults)."""
-    base = comparable_route(current) if current else {}
     if current is None and (not params.get("prefix") or params.get("routers") is None):
         raise PolicyDataError(["route %r: prefix and routers are required to create it" % params["name"]])
-    data = {"name": params["name"]}
-    for key in ROUTE_KEYS[1:]:
-        value = params.get(key)
-        if value is None:
-            value = base.get(key)
-        if value is not None:
-            data[key] = value
+    data = over_current(params, ROUTE_KEYS, comparable_route(current) if current else {})
     if data.get("routers"):
         data["routers"] = [dict((k, v) for k, v in r.items() if v is not None) for r in data["routers"]]
     return normalize_route(data)
-
-
-def api_body(route, keys):
-    """The JSON body for POST/PATCH with the given keys; routers as the API takes them."""
-    body = dict((k, route[k]) for k in keys)
-    if "routers" in body:
-        body["routers"] = [dict(r) for r in body["routers"]]
-    return body
 
 
 def predicted(current, wanted):
@@ -192,13 +183,7 @@ def check_server(module, route, current):
     """Fail, before any change, on unknown routing peers or groups and on overlaps with other routes."""
     client = module.client
     groups, peers = router_refs(route)
-    problems = []
-    missing = client.missing_groups(groups)
-    if missing:
-        problems.append("unknown groups: %s" % ", ".join(missing))
-    missing = client.missing_peers(peers)
-    if missing:
-        problems.append("unknown peers: %s" % ", ".join(missing))
+    problems = unknown_references(client, groups, peers)
     if current is None or current.get("prefix") != route["prefix"]:
         for other in client.list_all("/routes"):
             if other["name"] != route["name"] and overlaps(route["prefix"], other.get("prefix")):
@@ -213,11 +198,7 @@ def run(module):
     current = client.find_by_name("/routes", p["name"])
     before = comparable_route(current) if current else {}
     if p["state"] == "absent":
-        if current is None:
-            return dict(changed=False, route={}, diff=dict(before={}, after={}))
-        if not module.check_mode:
-            client.delete(client.item_path("/routes", current["id"]))
-        return dict(changed=True, route={}, diff=dict(before=before, after={}))
+        return ensure_absent(module, "/routes", current, before, "route")
 
     try:
         wanted = wanted_route(p, current)
@@ -227,13 +208,13 @@ def run(module):
         return dict(changed=False, route=current, diff=dict(before=before, after=before))
     check_server(module, wanted, current)
     if current is None:
-        result = predicted(None, wanted) if module.check_mode else client.post("/routes", api_body(wanted, ROUTE_KEYS))
+        result = predicted(None, wanted) if module.check_mode else client.post("/routes", wanted)
     else:
         changed = [k for k in ROUTE_KEYS if before.get(k) != wanted[k]]
         if module.check_mode:
             result = predicted(current, wanted)
         else:
-            result = client.patch(client.item_path("/routes", current["id"]), api_body(wanted, changed))
+            result = client.patch(client.item_path("/routes", current["id"]), dict((k, wanted[k]) for k in changed))
     return dict(changed=True, route=result, diff=dict(before=before, after=comparable_route(result)))
 
 
