@@ -41,7 +41,7 @@ from agent.nat.fallback import Fallback, SignalLink
 from agent.netmap import MapChange, MapGap, NetworkMap
 from agent.peers import Candidate, PeerConnection
 from agent.rekey import KeyRotator
-from agent.routing.driver import RouteDriver, resolve_exit
+from agent.routing.driver import RouteDriver
 from agent.routing.kernel import KernelRoutes
 from agent.signalling import Signalling
 from agent.status import AgentStatus, Explanation, PathReport, RouteExplanation, RoutingStatus, ServiceStatus
@@ -306,7 +306,7 @@ class Agent:
         steps: list[Awaitable[object]] = []
         if address != self._address:
             steps.append(self._set_address(address))
-        if change.firewall or change.routes or self.firewall_pending:
+        if change.firewall or change.forward or self.firewall_pending:
             steps.append(self._apply_firewall())
         if change.added and endpoints.reflexive.address is None and endpoints.reflexive.last_error is None:
             steps.append(endpoints.refresh_reflexive(limit=1.0))
@@ -314,7 +314,7 @@ class Agent:
             if isinstance(result, BaseException):
                 raise result
         await self._reconcile(change)
-        if change.routes or change.added or change.removed or change.firewall:
+        if change.routes or change.forward or change.added or change.removed or change.firewall:
             await self._route()
         if endpoints.reflexive.address is None and endpoints.stun_servers():
             endpoints.wakeup.set()
@@ -368,13 +368,13 @@ class Agent:
 
     async def _route(self) -> None:
         """Routes, exit node and forwarding in line with the map and the tunnels (agent.routing.driver)."""
-        if not self.map.loaded:
-            return
-        urls = [self.state.management_url, self.config.signal_url or self.map.signal.url]
-        urls += [url for relay in self.map.relays for url in relay.urls]
-        exit_node = resolve_exit(self.config.exit_node or (self.map.me.exit_node if self.map.me else ""), self.map)
-        bypass = await self.routing.bypass_for(urls, self.links.values()) if exit_node else ()
-        await self.routing.reconcile(self.map, self.links, exit_node=exit_node, bypass=bypass, mono=time.monotonic())
+        await self.routing.follow(
+            self.map,
+            self.links,
+            exit_setting=self.config.exit_node,
+            control_urls=(self.state.management_url, self.config.signal_url or self.map.signal.url),
+            mono=time.monotonic(),
+        )
 
     async def set_exit_node(self, wanted: str) -> RoutingStatus:
         """`starling up --exit-node`: use this exit node (name or id; "none": none; "": the coordinator's)."""

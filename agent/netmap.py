@@ -35,11 +35,12 @@ class MapChange:
     removed: dict[str, PeerEntry] = field(default_factory=dict)
     changed: dict[str, tuple[PeerEntry, PeerEntry]] = field(default_factory=dict)  # id -> (old, new)
     firewall: bool = False
-    routes: bool = False  # the routes this peer may use, or those it forwards, changed
+    routes: bool = False  # the routes this peer may use changed
+    forward: bool = False  # the routes this peer forwards changed (its firewall's masquerade rules)
     full: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed or self.firewall or self.routes)
+        return bool(self.added or self.removed or self.changed or self.firewall or self.routes or self.forward)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class NetworkMap:
         if msg.routes is not None and msg.routes != self.routes:
             self.routes, change.routes = msg.routes, True
         if msg.forward is not None and msg.forward != self.forward:
-            self.forward, change.routes = msg.forward, True
+            self.forward, change.forward = msg.forward, True
         self.serial, self.version = msg.serial, msg.version
         return change
 
@@ -122,7 +123,7 @@ class NetworkMap:
         self.rules = msg.firewall.rules
         self.sets = dict(msg.firewall.sets)
         self.dns, self.signal, self.relays = msg.dns, msg.signal, msg.relays
-        change.routes = (self.routes, self.forward) != (msg.routes, msg.forward)
+        change.routes, change.forward = self.routes != msg.routes, self.forward != msg.forward
         self.routes, self.forward = msg.routes, msg.forward
         return change
 

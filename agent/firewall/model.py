@@ -18,6 +18,7 @@ this peer does not forward, is rejected as a whole (`FirewallMapError`); nothing
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -241,16 +242,26 @@ def parse_section(firewall: FirewallSection | Mapping[str, object] | object) -> 
 def parse_forward(forward: Sequence[ForwardEntry] | object) -> tuple[ForwardEntry, ...]:
     """The map's `forward` list (typed, or a wire list parsed first); FirewallMapError if malformed."""
     if isinstance(forward, (list, tuple)) and all(isinstance(e, ForwardEntry) for e in forward):
-        entries: tuple[ForwardEntry, ...] = tuple(forward)
-        wire: object = [e.to_wire() for e in entries]  # typed entries may be built by hand: check them too
-    else:
-        wire = forward
+        return _checked_forward(tuple(forward))
+    return _forward_from_wire(forward)
+
+
+@functools.lru_cache(maxsize=4)
+def _checked_forward(entries: tuple[ForwardEntry, ...]) -> tuple[ForwardEntry, ...]:
+    """Typed entries may be built by hand: they are checked as their wire form. Each map apply passes
+    the map's same list again, so a list that passed is not checked again (a failure is not cached)."""
+    _forward_from_wire([e.to_wire() for e in entries])
+    return entries
+
+
+def _forward_from_wire(wire: object) -> tuple[ForwardEntry, ...]:
     try:
         return forward_from_wire(wire)
     except WireFormatError as exc:
         raise FirewallMapError(str(exc), field=exc.field) from exc
 
 
+@functools.lru_cache(maxsize=4)
 def _nat(entries: tuple[ForwardEntry, ...]) -> tuple[NatSpec, ...]:
     """The postrouting rules for the forwarded routes, longest prefix first; none unless one of them
     is masqueraded (then a route without masquerade gets an `accept` that keeps a broader

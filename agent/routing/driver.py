@@ -56,14 +56,37 @@ class RouteDriver:
         self.report: RoutingReport | None = None
         self.last_error: str | None = None
         self._plan: RoutingPlan | None = None
+        self._planned: tuple[object, ...] | None = None  # what `_plan` was built from (skips rebuilding it)
         self._applied_at = -1e9
         self._lock = asyncio.Lock()
         self._resolved: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._served: tuple[tuple[int, int, int], frozenset[str]] | None = None  # forward_sources per map
 
     def observe(self, links: Iterable[RoutedLink], mono: float) -> None:
         for link in links:
             conn = link.conn
             self.choice.observe(conn.peer_id, conn.rx_bytes, conn.state in (PathState.DIRECT, PathState.RELAYED), mono)
+
+    async def follow(
+        self,
+        netmap: NetworkMap,
+        links: Mapping[str, RoutedLink],
+        *,
+        exit_setting: str,
+        control_urls: Iterable[str],
+        mono: float,
+    ) -> None:
+        """One pass of the daemon (each map and each watchdog pass): the exit node from this agent's
+        setting (else the coordinator's for this peer), its bypass (only while an exit node is used:
+        the control plane's `control_urls`, the map's relays and the peers' endpoints), then `reconcile`."""
+        if not netmap.loaded:
+            return
+        exit_node = resolve_exit(exit_setting or (netmap.me.exit_node if netmap.me else ""), netmap)
+        bypass: tuple[str, ...] = ()
+        if exit_node:
+            urls = [*control_urls, *(url for relay in netmap.relays for url in relay.urls)]
+            bypass = await self.bypass_for(urls, links.values())
+        await self.reconcile(netmap, links, exit_node=exit_node, bypass=bypass, mono=mono)
 
     async def reconcile(
         self,
@@ -77,20 +100,21 @@ class RouteDriver:
         """Bring allowed IPs, keepalives and the kernel in line with the map and the current choice."""
         async with self._lock:
             self.choice.forget(set(self.choice.health) - set(links))
-            self.decision = self.choice.decide(netmap.routes, set(links), exit_node, mono)
-            served = forward_sources(netmap)
+            self.decision = decision = self.choice.decide(netmap.routes, set(links), exit_node, mono)
+            served = self._forward_sources(netmap)
             for pid, link in links.items():
                 keepalive = ROUTE_KEEPALIVE if link.conn.mesh_ip in served else 0
-                await link.set_routing(self.decision.allowed.get(pid, ()), keepalive)
-            exit_plan = ExitPlan(bypass=bypass, fwmark=FWMARK) if self.decision.exit_node else None
-            plan = RoutingPlan(
-                interface=self.interface,
-                prefixes=self.decision.prefixes,
-                exit=exit_plan,
-                forwarding=bool(netmap.forward),
-            )
-            if plan == self._plan and (mono - self._applied_at < RECHECK or not (plan.prefixes or plan.exit)):
+                await link.set_routing(decision.allowed.get(pid, ()), keepalive)
+            prefixes = decision.prefixes
+            # The plan's inputs: a pass that changes none of them builds no plan (building one checks
+            # every prefix) and, between re-checks, touches no kernel state.
+            planned = (prefixes, bypass if decision.exit_node else None, bool(netmap.forward))
+            if planned == self._planned and (mono - self._applied_at < RECHECK or not (prefixes or decision.exit_node)):
                 return  # unchanged (re-checked now and then: a skipped prefix may have become usable)
+            exit_plan = ExitPlan(bypass=bypass, fwmark=FWMARK) if decision.exit_node else None
+            plan = RoutingPlan(
+                interface=self.interface, prefixes=prefixes, exit=exit_plan, forwarding=bool(netmap.forward)
+            )
             try:
                 self.report = await asyncio.to_thread(self.table.apply, plan)
                 self.last_error = None
@@ -103,10 +127,17 @@ class RouteDriver:
                     "routes: %d prefixes via %s, exit node %s, forwarding %s",
                     len(plan.prefixes),
                     self.interface,
-                    self.decision.exit_node or "none",
+                    decision.exit_node or "none",
                     "on" if plan.forwarding else "off",
                 )
-            self._plan, self._applied_at = plan, mono
+            self._plan, self._planned, self._applied_at = plan, planned, mono
+
+    def _forward_sources(self, netmap: NetworkMap) -> frozenset[str]:
+        """`forward_sources` of the map, worked out again only when another map message was applied."""
+        key = (netmap.serial, id(netmap.rules), id(netmap.sets))
+        if self._served is None or self._served[0] != key:
+            self._served = (key, frozenset(forward_sources(netmap)))
+        return self._served[1]
 
     async def bypass_for(self, urls: Iterable[str], links: Iterable[RoutedLink]) -> tuple[str, ...]:
         """Underlay addresses that must never enter an exit-node tunnel: the hosts of the control plane
@@ -146,8 +177,12 @@ class RouteDriver:
             except RoutingError as exc:
                 log.error("routes not removed: %s", exc)
 
-    def _route_status(self, s: RouteState, names: Mapping[str, str]) -> RouteStatus:
-        skipped = self.report.skipped if self.report else {}
+    def _skipped(self) -> dict[str, str]:
+        return self.report.skipped if self.report else {}
+
+    @staticmethod
+    def _route_status(s: RouteState, names: Mapping[str, str], skipped: Mapping[str, str]) -> RouteStatus:
+        """`skipped`: `_skipped()`, worked out once per status (not once per route)."""
         return {
             "id": s.route_id,
             "name": s.name,
@@ -171,24 +206,24 @@ class RouteDriver:
             for r in netmap.rules
             if r.direction == "route" and best is not None and r.route_id == best.route_id
         ]
-        if best is None:
+        status = self._route_status(best, names, self._skipped()) if best else None
+        if best is None or status is None:
             verdict = f"no route covers {address} in this peer's map (no policy allows one, or none exists)"
+        elif status["installed"]:
+            verdict = f"{address} goes through {status['active_router']} (route {best.name}, {best.prefix})"
         else:
-            status = self._route_status(best, names)
-            if status["installed"]:
-                verdict = f"{address} goes through {status['active_router']} (route {best.name}, {best.prefix})"
-            else:
-                verdict = f"route {best.name} ({best.prefix}) is not in use here: {status['reason']}"
+            verdict = f"route {best.name} ({best.prefix}) is not in use here: {status['reason']}"
         return {
             "address": address,
-            "route": self._route_status(best, names) if best else None,
+            "route": status,
             "policies": policies,
             "verdict": verdict,
         }
 
     def status(self, names: Mapping[str, str]) -> RoutingStatus:
         """Routes as `starling status` shows them; `names`: peer id -> name."""
-        routes = [self._route_status(s, names) for s in self.decision.routes]
+        skipped = self._skipped()
+        routes = [self._route_status(s, names, skipped) for s in self.decision.routes]
         exit_node = self.decision.exit_node
         return {
             "routes": routes,

@@ -13,9 +13,9 @@ What the agent owns, and nothing else is ever changed or removed:
   `lookup main suppress_prefixlength 0` (connected networks, the mesh range and the prefix routes still
   win; only main's default route is skipped), `PRIO_EXIT` (5230) `[not fwmark M] lookup 52100`. The
   agent owns priorities 5200-5299 (`PRIORITY_RANGE`) for the tables main and 52100, and marks its rules
-  `proto 83` too (kernel >= 4.17). The agent does not set a WireGuard fwmark today (agent/wg/), so
-  the exit rule has no fwmark condition unless the plan names one: the bypass rules for the peers'
-  underlay endpoints keep WireGuard's own packets out of the tunnel.
+  `proto 83` too (kernel >= 4.17). The exit rule has a fwmark condition when the plan names one
+  (the daemon passes WireGuard's `FWMARK`, agent/wg/backend.py); the bypass rules for the peers'
+  underlay endpoints keep WireGuard's own packets out of the tunnel either way.
   Order: bypass and main rules first, then the table, then the exit rule (removal in reverse), so
   that at no moment does the agent's own traffic go into the tunnel.
 * **Forwarding**: a routing peer needs `net.ipv4.ip_forward=1`. Writing it also rewrites every
@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent import netlink
+from agent.config import write_private
 from agent.routing.plan import (
     ConnectedNet,
     RoutingPlan,
@@ -252,13 +254,8 @@ class PyrouteRtnl:
 
 @contextlib.contextmanager
 def pyroute_rtnl() -> Iterator[Rtnl]:
-    from pyroute2 import IPRoute
-
-    ipr = IPRoute()
-    try:
+    with netlink.iproute() as ipr:
         yield PyrouteRtnl(ipr)
-    finally:
-        ipr.close()
 
 
 class Sysctl:
@@ -570,7 +567,4 @@ class KernelRoutes:
         if not self._saved:
             self.state_file.unlink(missing_ok=True)
             return
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"sysctl": self._saved}, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.state_file)
+        write_private(self.state_file, json.dumps({"sysctl": self._saved}, indent=1, sort_keys=True))
