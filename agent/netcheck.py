@@ -30,54 +30,18 @@ import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import TypedDict
 
-Transport = Literal["udp", "tcp", "tls"]
+from agent.nat.stun import ServerUrl, StunClient, StunError, StunTimeout, binding_request
+from agent.nat.stun import parse_url as parse_url  # (re-exported: `starling netcheck --server` checks URLs)
+from agent.nat.transport import stream_binding
+
 SAMPLES = 3  # STUN round trips per server and transport (each one a fresh transaction, sent once)
 TIMEOUT = 1.0  # s to wait for one answer / one connect / one TLS handshake
 
 
 # ----- targets ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Target:
-    """One server URL as netcheck probes it."""
-
-    url: str
-    scheme: str  # stun | stuns | turn | turns
-    host: str
-    port: int
-    transport: Transport
-
-
-def parse_url(url: str) -> Target:
-    """`turn:h:p?transport=tcp`, `turns:h:p`, `stun:[::1]:3478`, `h:p` -> Target (ValueError if malformed)."""
-    scheme, sep, rest = url.partition(":")
-    if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
-        scheme, rest = "stun", url
-    rest, _, query = rest.lstrip("/").partition("?")
-    params = dict(p.partition("=")[::2] for p in query.split("&") if p)
-    tls = scheme in ("stuns", "turns")
-    wanted = params.get("transport", "tcp" if tls else "udp").lower()
-    if wanted not in ("udp", "tcp"):
-        raise ValueError(f"{url!r}: transport={wanted} (udp or tcp)")
-    if tls and wanted == "udp":
-        raise ValueError(f"{url!r}: {scheme}: runs over TCP (DTLS is not supported)")
-    transport: Transport = "tls" if tls else "tcp" if wanted == "tcp" else "udp"
-    default = 5349 if tls else 3478
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        port_text = tail[1:] if tail.startswith(":") else ""
-    elif rest.count(":") == 1:
-        host, _, port_text = rest.partition(":")
-    else:
-        host, port_text = rest, ""  # a bare name, or an IPv6 literal without brackets
-    try:
-        port = int(port_text) if port_text else default
-    except ValueError:
-        raise ValueError(f"{url!r}: bad port {port_text!r}") from None
-    if not host or not 0 < port < 65536:
-        raise ValueError(f"{url!r}: no host or bad port")
-    return Target(url, scheme, host, port, transport)
+Target = ServerUrl  # one server URL as netcheck probes it (`parse_url`: the agent's one URL parser)
 
 
 def targets_of(urls: Iterable[str]) -> tuple[list[Target], list[str]]:
@@ -183,108 +147,46 @@ def classify_mapping(probes: Sequence[ProbeResult]) -> MappingResult:
 
 
 # ----- STUN transactions --------------------------------------------------------------------------
-def _stun() -> Any:
-    from aioice import stun
-
-    return stun
-
-
-def _request() -> Any:
-    stun = _stun()
-    msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    msg.add_fingerprint()
-    return msg
-
-
-def _answer(data: bytes, transaction_id: bytes) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
-    """(mapped, other-address) from a binding answer; ValueError if it is not ours or an error."""
-    stun = _stun()
-    msg = stun.parse_message(data)
-    if msg.transaction_id != transaction_id:
-        raise ValueError("not our transaction")
-    if msg.message_class == stun.Class.ERROR:
-        code = msg.attributes.get("ERROR-CODE", (0, "error"))
-        raise ValueError(f"STUN error {code[0]} {code[1]}")
-    mapped = msg.attributes.get("XOR-MAPPED-ADDRESS") or msg.attributes.get("MAPPED-ADDRESS")
-    other = msg.attributes.get("OTHER-ADDRESS")
-    return (
-        (str(mapped[0]), int(mapped[1])) if mapped else None,
-        (str(other[0]), int(other[1])) if other else None,
-    )
-
-
-class _UdpReplies(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(data) >= 20:
-            fut = self.waiting.get(data[8:20])
-            if fut is not None and not fut.done():
-                fut.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:  # ICMP unreachable: the waiting requests time out
-        pass
-
-
 @dataclass
 class UdpProber:
     """Binding requests from ONE UDP socket (one local port: the mappings are comparable)."""
 
     family: int = socket.AF_INET
-    transport: asyncio.DatagramTransport | None = None
-    protocol: _UdpReplies | None = None
+    client: StunClient | None = None
     local_port: int | None = None
     other: dict[str, tuple[str, int]] = field(default_factory=dict)  # server -> its OTHER-ADDRESS (RFC 5780)
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        self.client = StunClient(sock)
         try:
             sock.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
             sock.setblocking(False)
-            self.transport, self.protocol = await loop.create_datagram_endpoint(_UdpReplies, sock=sock)
+            self.local_port = sock.getsockname()[1]
+            await self.client.open()  # before the concurrent transactions
         except BaseException:
-            sock.close()
+            self.close()
             raise
-        self.local_port = sock.getsockname()[1]
-
-    async def binding(self, server: tuple[str, int]) -> tuple[float, tuple[str, int] | None, tuple[str, int] | None]:
-        """One transaction, sent once: (rtt ms, mapped, other-address); TimeoutError without an answer."""
-        assert self.transport is not None and self.protocol is not None
-        request = _request()
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.protocol.waiting[request.transaction_id] = fut
-        payload = bytes(request)
-        try:
-            started = time.perf_counter()
-            self.transport.sendto(payload, server)
-            async with asyncio.timeout(TIMEOUT):
-                data = await fut
-            rtt = (time.perf_counter() - started) * 1000
-            mapped, other = _answer(data, request.transaction_id)
-            return rtt, mapped, other
-        finally:
-            self.protocol.waiting.pop(request.transaction_id, None)
 
     async def probe(self, server: tuple[str, int], via: str, samples: int = SAMPLES) -> ProbeResult:
-        """`samples` sequential transactions to one server: mapping, RTTs, the first error."""
+        """`samples` sequential transactions to one server, each sent once: mapping, RTTs, the first error."""
+        assert self.client is not None
         rtts: list[float] = []
         mapped: tuple[str, int] | None = None
         error: str | None = None
         for _ in range(samples):
             try:
-                rtt, got, other = await self.binding(server)
-            except TimeoutError:
+                rtt, answer = await self.client.exchange(server, limit=TIMEOUT, rto=None)
+            except StunTimeout:
                 error = error or f"no answer within {TIMEOUT:g} s"
                 continue
-            except (ValueError, OSError) as exc:
+            except (StunError, OSError) as exc:
                 error = error or str(exc)
                 continue
             rtts.append(rtt)
-            mapped = got or mapped
-            if other is not None:
-                self.other[_fmt_addr(*server)] = other
+            mapped = answer.mapped or mapped
+            if answer.other is not None:
+                self.other[_fmt_addr(*server)] = answer.other
         return {
             "server": _fmt_addr(*server),
             "via": via,
@@ -295,25 +197,8 @@ class UdpProber:
         }
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-async def _stream_binding(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
-    """One STUN binding over a TCP or TLS stream (RFC 8489 §6.2.2: messages back to back); its RTT in ms."""
-    request = _request()
-    payload = bytes(request)
-    started = time.perf_counter()
-    writer.write(payload)
-    await writer.drain()
-    while True:
-        header = await reader.readexactly(20)
-        length = int.from_bytes(header[2:4], "big")
-        data = header + await reader.readexactly(length)
-        if data[8:20] == request.transaction_id:
-            rtt = (time.perf_counter() - started) * 1000
-            _answer(data, request.transaction_id)
-            return rtt
+        if self.client is not None:
+            self.client.close()
 
 
 async def _resolve(host: str, port: int, family: int = socket.AF_INET) -> tuple[str, int] | None:
@@ -372,14 +257,14 @@ async def stream_relay(target: Target, tls: ssl.SSLContext | None, samples: int 
         rtts = []
         for _ in range(samples):
             async with asyncio.timeout(TIMEOUT):
-                rtts.append(await _stream_binding(reader, writer))
+                rtts.append(await stream_binding(reader, writer))
         result["samples_ms"] = [round(r, 3) for r in rtts]
         result["stun_rtt_ms"] = _median(rtts)
     except TimeoutError:
         result["error"] = f"{stage}: no answer within the time limit"
     except ssl.SSLError as exc:
         result["error"] = f"{stage}: {exc.reason or exc}"
-    except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+    except (OSError, StunError, asyncio.IncompleteReadError) as exc:
         result["error"] = f"{stage}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
     finally:
         if writer is not None:
@@ -404,7 +289,7 @@ class Netcheck:
         targets, errors = targets_of(self.urls)
         udp_targets = [t for t in targets if t.transport == "udp"]
         stream_targets = [t for t in targets if t.transport != "udp"]
-        _stun()  # imported before any timing starts
+        binding_request()  # aioice's codec imported before any timing starts
         prober = UdpProber()
         await prober.open()
         try:

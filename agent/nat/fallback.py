@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.nat.state import PeerNat
-from agent.nat.transport import KEEP_STREAM, Pick, RelayPicker, TurnEndpoint, turn_endpoints, udp_stun_server
+from agent.nat.transport import KEEP_STREAM, RANK, Pick, RelayPicker, TurnEndpoint, turn_endpoints, udp_stun_server
 from agent.peers import Candidate, PathState, PeerConnection
 
 if TYPE_CHECKING:  # aioice is imported on first use: it costs ~0.1 s of every agent start
@@ -119,8 +119,7 @@ class Fallback:
         options: list[tuple[TurnEndpoint, RelayCredential]] = []
         for relay in self.agent.map.relays:
             options += [(e, relay) for e in turn_endpoints(relay.urls) if all(e != o for o, _ in options)]
-        order = {"udp": 0, "tcp": 1, "tls": 2}
-        return sorted(options, key=lambda o: order[o[0].transport])
+        return sorted(options, key=lambda o: RANK[o[0].transport])  # stable: relay and URL order within one
 
     def _servers(
         self, with_turn: bool = True, endpoint: TurnEndpoint | None = None, udp_ok: bool = True

@@ -29,11 +29,18 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-from agent.nat.stun import StunError, parse_server
+from agent.nat.stun import (
+    StunError,
+    StunTimeout,
+    Transport,
+    UnsupportedTransport,
+    binding,
+    binding_request,
+    parse_url,
+    read_answer,
+)
 
-Transport = Literal["udp", "tcp", "tls"]
 RANK: dict[str, int] = {"udp": 0, "tcp": 1, "tls": 2}
 UDP_LIMIT = 1.5  # s for the UDP binding (retransmitted at 0.25, 0.75 s): a loaded host may answer late
 STREAM_LIMIT = 2.5  # s for TCP connect (+ TLS handshake) + binding
@@ -68,17 +75,13 @@ class TurnEndpoint:
 def parse_turn_url(url: str) -> TurnEndpoint | None:
     """The TURN endpoint a URL names; None for STUN-only URLs, DTLS (`turns:...?transport=udp`, not
     supported) and unknown schemes. ValueError for a malformed address."""
-    scheme = url.split(":", 1)[0].lower()
-    query = url.split("?", 1)[1].lower() if "?" in url else ""
-    params = dict(p.partition("=")[::2] for p in query.split("&") if p)
-    wanted = params.get("transport", "udp" if scheme == "turn" else "tcp")
-    if scheme == "turn" and wanted in ("udp", "tcp"):
-        host, port = parse_server(url, 3478)
-        return TurnEndpoint("udp" if wanted == "udp" else "tcp", host, port)
-    if scheme == "turns" and wanted == "tcp":
-        host, port = parse_server(url, 5349)
-        return TurnEndpoint("tls", host, port)
-    return None
+    if url.split(":", 1)[0].lower() not in ("turn", "turns"):
+        return None
+    try:
+        server = parse_url(url)
+    except UnsupportedTransport:
+        return None
+    return TurnEndpoint(server.transport, server.host, server.port)
 
 
 def turn_endpoints(urls: Iterable[str]) -> list[TurnEndpoint]:
@@ -97,11 +100,12 @@ def turn_endpoints(urls: Iterable[str]) -> list[TurnEndpoint]:
 def udp_stun_server(urls: Iterable[str]) -> tuple[str, int] | None:
     """The first UDP STUN server of `urls` (a `stun:` URL or a `turn:` URL over UDP: coturn answers both)."""
     for url in urls:
-        scheme = url.split(":", 1)[0].lower()
-        if scheme not in ("stun", "turn") or "transport=tcp" in url.lower():
+        if url.split(":", 1)[0].lower() not in ("stun", "turn"):
             continue
         with contextlib.suppress(ValueError):
-            return parse_server(url)
+            server = parse_url(url)
+            if server.transport == "udp":
+                return server.address
     return None
 
 
@@ -125,40 +129,34 @@ class Probe:
         return f"{self.endpoint.transport} {self.endpoint.host}:{self.endpoint.port}: {result}"
 
 
-def _binding_request() -> tuple[bytes, bytes]:
-    from aioice import stun
-
-    request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    request.add_fingerprint()
-    return bytes(request), request.transaction_id
-
-
-def _check_answer(data: bytes, transaction_id: bytes) -> None:
-    from aioice import stun
-
-    message = stun.parse_message(data)
-    if message.transaction_id != transaction_id:
-        raise StunError("answer to another request")
-    if message.message_class == stun.Class.ERROR:
-        code = message.attributes.get("ERROR-CODE", (0, "error"))
-        raise StunError(f"STUN error {code[0]} {code[1]}")
+async def stream_binding(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+    """One STUN binding over a TCP or TLS stream (RFC 8489 §6.2.2: messages back to back, each
+    `20 + length` bytes); its round trip in ms. StunError for an error answer or garbage."""
+    payload, transaction_id = binding_request()
+    started = time.perf_counter()
+    writer.write(payload)
+    await writer.drain()
+    while True:
+        header = await reader.readexactly(20)
+        data = header + await reader.readexactly(header[2] << 8 | header[3])
+        if data[8:20] == transaction_id:  # (another transaction's answer: skipped)
+            rtt = (time.perf_counter() - started) * 1000
+            read_answer(data, transaction_id)
+            return rtt
 
 
 async def probe_udp(endpoint: TurnEndpoint, limit: float = UDP_LIMIT) -> Probe:
     """A STUN binding over UDP from a fresh socket."""
-    from agent.nat.stun import binding
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
     started = time.monotonic()
     try:
         sock.bind(("0.0.0.0", 0))
         await binding(sock, endpoint.address, limit=limit)
+    except StunTimeout:
+        return Probe(endpoint, error=f"no answer within {limit:g} s (UDP blocked, or the server is down)")
     except StunError as exc:
-        text = str(exc)
-        if "no STUN answer" in text:
-            text = f"no answer within {limit:g} s (UDP blocked, or the server is down)"
-        return Probe(endpoint, error=text)
+        return Probe(endpoint, error=str(exc))
     except OSError as exc:
         sock.close()
         return Probe(endpoint, error=_os_error(exc))
@@ -167,7 +165,6 @@ async def probe_udp(endpoint: TurnEndpoint, limit: float = UDP_LIMIT) -> Probe:
 
 async def probe_stream(endpoint: TurnEndpoint, tls: ssl.SSLContext | None, limit: float = STREAM_LIMIT) -> Probe:
     """Connect over TCP (and TLS for `tls` endpoints), send a STUN binding, read the answer."""
-    payload, transaction_id = _binding_request()
     started = time.monotonic()
     writer: asyncio.StreamWriter | None = None
     stage = "connect"
@@ -176,10 +173,7 @@ async def probe_stream(endpoint: TurnEndpoint, tls: ssl.SSLContext | None, limit
             context = (tls or ssl.create_default_context()) if endpoint.transport == "tls" else None
             reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context)
             stage = "answer"
-            writer.write(payload)
-            header = await reader.readexactly(20)
-            body = await reader.readexactly(header[2] << 8 | header[3])
-            _check_answer(header + body, transaction_id)
+            await stream_binding(reader, writer)
     except TimeoutError:
         where = "TCP connect" if stage == "connect" else "STUN answer"
         if endpoint.transport == "tls" and stage == "connect":

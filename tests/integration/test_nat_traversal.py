@@ -24,6 +24,7 @@ from tests.fixtures.coturn import CoturnProcess
 from tests.fixtures.enroll import sealed_enroll
 from tests.fixtures.mesh import Mesh, control_plane, wait_for
 from tests.fixtures.natlab import NatLab, natlab
+from tests.fixtures.transfer import tcp_transfer
 
 pytestmark = pytest.mark.slow
 
@@ -71,40 +72,6 @@ def wait_path(mesh: Mesh, src: str, dst: str, path: str, timeout: float) -> floa
         return wait_for(lambda: path_of(mesh, src, dst).get("path") == path, timeout, what=f"{src}->{dst} {path}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{mesh.diagnose(src, dst)}") from None
-
-
-def tcp_transfer(mesh: Mesh, src: str, dst: str, size: int = 2_000_000) -> None:
-    """Send `size` bytes over TCP through the mesh and check they all arrived."""
-    server, client = mesh.agents[dst], mesh.agents[src]
-    port = 15000 + secrets.randbelow(1000)
-    script = (
-        "import socket,sys\n"
-        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-        f"s.bind(('{server.mesh_ip}', {port})); s.listen(1); s.settimeout(20)\n"
-        "c,_=s.accept(); c.settimeout(20); n=0\n"
-        "while True:\n"
-        "    d=c.recv(65536)\n"
-        "    if not d: break\n"
-        "    n+=len(d)\n"
-        "print(n)\n"
-    )
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", server.host.ns, "python3", "-c", script], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        time.sleep(0.3)
-        sender = (
-            "import socket,time\n"
-            f"c=socket.create_connection(('{server.mesh_ip}', {port}), timeout=10)\n"
-            f"c.sendall(b'x'*{size}); c.close()\n"
-        )
-        client.host.exec("python3", "-c", sender, timeout=30)
-        out, _ = listener.communicate(timeout=30)
-        assert int(out.strip()) == size
-    finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.wait()
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import pytest
 from tests.fixtures.coturn import CoturnProcess, stun_mapped_from, turn_allocate_from
 from tests.fixtures.mesh import Mesh, control_plane, wait_for
 from tests.fixtures.natlab import NatHost, NatLab, Router, natlab
+from tests.fixtures.transfer import tcp_transfer
 
 pytestmark = pytest.mark.slow
 
@@ -88,43 +89,6 @@ def wait_relayed(mesh: Mesh, src: str, dst: str, transport: str, timeout: float)
         raise AssertionError(f"{exc}\n{mesh.diagnose(src, dst)}") from None
 
 
-def timed_transfer(mesh: Mesh, src: str, dst: str, size: int) -> float:
-    """Send `size` bytes over TCP through the mesh; the seconds it took (all bytes checked)."""
-    server, client = mesh.agents[dst], mesh.agents[src]
-    port = 16000 + secrets.randbelow(1000)
-    script = (
-        "import socket\n"
-        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-        f"s.bind(('{server.mesh_ip}', {port})); s.listen(1); s.settimeout(60)\n"
-        "c,_=s.accept(); c.settimeout(60); n=0\n"
-        "while True:\n"
-        "    d=c.recv(262144)\n"
-        "    if not d: break\n"
-        "    n+=len(d)\n"
-        "print(n)\n"
-    )
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", server.host.ns, "python3", "-c", script], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        time.sleep(0.3)
-        sender = (
-            "import socket,time\n"
-            f"c=socket.create_connection(('{server.mesh_ip}', {port}), timeout=10)\n"
-            "t=time.monotonic()\n"
-            f"c.sendall(b'x'*{size}); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()\n"
-            "print(time.monotonic()-t)\n"
-        )
-        took = float(client.host.exec("python3", "-c", sender, timeout=90).stdout.strip())
-        out, _ = listener.communicate(timeout=30)
-        assert int(out.strip()) == size
-        return took
-    finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.wait()
-
-
 def explain(mesh: Mesh, src: str, dst: str) -> dict[str, object]:
     result = mesh.agents[src].cli("explain", dst, "--json")
     assert result.returncode == 0, result.stderr
@@ -151,7 +115,7 @@ def test_udp_blocked_peer_joins_relayed_over_tcp_and_upgrades_when_unblocked(rel
     history = "\n".join(str(h) for h in explain(m, "h", "p")["history"])  # type: ignore[attr-defined]
     assert f"TURN via {coturn.listen_ip}:{coturn.port} (tcp)" in history, history
     assert f"udp {coturn.listen_ip}:{coturn.port}: no answer" in history, history
-    seconds = timed_transfer(m, "h", "p", 8_000_000)
+    seconds = tcp_transfer(m, "h", "p", 8_000_000, timeout=60)
     print(
         f"UDP blocked: first ping over TURN/TCP {took:.2f} s after agent start ({first_ping:.2f} s after enrollment);"
         f" 8 MB in {seconds:.2f} s = {8 * 8 / seconds:.0f} Mbit/s"
@@ -194,7 +158,7 @@ def test_only_tcp_443_peer_joins_relayed_over_tls(relay_mesh: Mesh) -> None:
     history = "\n".join(str(h) for h in explain(m, "t", "p")["history"])  # type: ignore[attr-defined]
     assert f"tcp {coturn.listen_ip}:{coturn.port}: no answer within" in history, history
     assert f"tls {coturn.listen_ip}:443: answered" in history, history
-    seconds = timed_transfer(m, "t", "p", 8_000_000)
+    seconds = tcp_transfer(m, "t", "p", 8_000_000, timeout=60)
     print(
         f"Only TCP 443: first ping over TURN/TLS {took:.2f} s after agent start ({first_ping:.2f} s after"
         f" enrollment); 8 MB in {seconds:.2f} s = {8 * 8 / seconds:.0f} Mbit/s"
@@ -218,7 +182,7 @@ def test_relayed_pair_moves_from_tcp_to_udp_when_udp_returns(relay_mesh: Mesh) -
     start_agent(m, "s", host)
     m.wait_ping("s", "e", 30)
     wait_relayed(m, "s", "e", "tcp", 10)
-    tcp_seconds = timed_transfer(m, "s", "e", 8_000_000)
+    tcp_seconds = tcp_transfer(m, "s", "e", 8_000_000, timeout=60)
     router.set_egress("open")
     lifted = time.monotonic()
     ping = subprocess.Popen(
@@ -233,7 +197,7 @@ def test_relayed_pair_moves_from_tcp_to_udp_when_udp_returns(relay_mesh: Mesh) -
     finally:
         ping.send_signal(signal.SIGINT)  # ping prints its statistics on SIGINT (not on SIGTERM)
         out, _ = ping.communicate(timeout=10)
-    udp_seconds = timed_transfer(m, "s", "e", 8_000_000)
+    udp_seconds = tcp_transfer(m, "s", "e", 8_000_000, timeout=60)
     counts = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert counts is not None, out
     transmitted, received = int(counts.group(1)), int(counts.group(2))
